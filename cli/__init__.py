@@ -1,0 +1,1 @@
+"""Thin click commands for driftmerge (installed as ``driftmerge_cli``)."""

@@ -1,0 +1,76 @@
+"""Helpers shared by the commands: parameter types, the progress bar, the recorded command line."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import click
+from tqdm import tqdm
+
+
+class RankType(click.ParamType):
+    """``1`` or ``8`` (a fixed rank) or ``0.9`` (the share of drift energy to keep)."""
+
+    name = "RANK"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, (int, float)):
+            return value
+        text = str(value).strip()
+        try:
+            return int(text)
+        except ValueError:
+            pass
+        try:
+            return float(text)
+        except ValueError:
+            self.fail(f"{value!r} is neither an integer rank nor an energy share like 0.9", param, ctx)
+
+
+class StepsType(click.ParamType):
+    """``100,200,300``."""
+
+    name = "S1,S2,..."
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, list):
+            return value
+        try:
+            return [int(x) for x in str(value).split(",") if x.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integer steps", param, ctx)
+
+
+def command_line() -> str:
+    """The command as the user typed it, for the model card."""
+    return " ".join(shlex.quote(a) for a in ["driftmerge", *sys.argv[1:]])
+
+
+@contextmanager
+def progress_bar(desc: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A tqdm bar over tensors (on stderr, hidden when stderr is not a terminal)."""
+    bar: tqdm | None = None
+
+    def update(done: int, total: int, name: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, unit="tensor", disable=None, leave=False, file=sys.stderr)
+        bar.update(done - bar.n)
+        bar.set_postfix_str(name[-40:], refresh=False)
+
+    try:
+        yield update
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} TB"

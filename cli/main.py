@@ -1,0 +1,55 @@
+"""The ``driftmerge`` console script: a click group whose errors end in one line and an exit code."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+from driftmerge_cli.apply import apply_cmd
+from driftmerge_cli.demo import demo_cmd
+from driftmerge_cli.extract import extract_cmd
+
+from driftmerge import __version__
+from driftmerge.errors import DriftmergeError
+
+EXIT_CODES = """Exit codes: 0 success, 1 unexpected failure, 2 bad usage (unknown option, missing argument),
+3 bad input (path, weights, steps, shapes, values), 4 output problem (folder exists, overlaps an input, disk full)."""
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.version_option(__version__, prog_name="driftmerge")
+@click.option("-v", "--verbose", is_flag=True, help="Log what driftmerge decides (steps, architecture, groups).")
+def cli(verbose: bool) -> None:
+    """Fit the linear weight drift of an RLVR run into a PEFT LoRA adapter, and apply it at any scale."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="driftmerge: %(levelname)s: %(message)s"
+    )
+
+
+cli.add_command(extract_cmd)
+cli.add_command(apply_cmd)
+cli.add_command(demo_cmd)
+
+
+def main() -> None:
+    """Run the CLI; a :class:`DriftmergeError` becomes one line on stderr and its exit code."""
+    try:
+        rc = cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("driftmerge: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except DriftmergeError as exc:
+        click.echo(f"driftmerge: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("driftmerge: interrupted; no output was left behind", err=True)
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

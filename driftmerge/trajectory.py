@@ -1,0 +1,127 @@
+"""Streaming per-tensor fit of the drift line through a base and its checkpoints (pure math, no I/O).
+
+Notation (DESIGN §3): base ``W_0`` at step ``s_base``; checkpoints ``W_i`` at steps ``s_i``; deltas
+``D_i = W_i - W_0``; relative steps ``t_i = s_i - s_base``; reference ``t_ref = s_N - s_base``.
+
+Fits:
+
+- ``lsq``:      ``v = Σ t_i D_i / Σ t_i²``, drift ``D = t_ref · v`` (the line through the base; with one
+                checkpoint exactly ``D_1``).
+- ``pca``:      RELEX rank-1 trajectory: top right singular vector ``v`` of the stacked deltas (Gram trick),
+                coefficients ``c_i = D_i · v``, least-squares line ``c(t) = a t + b`` over the base ``(0, 0)`` and
+                the checkpoints, drift ``D = c(t_ref) · v``.
+- ``endpoint``: ``D = D_N``.
+
+Linearity R², pooled over elements, for the per-element least-squares line *with intercept* through the
+points (base and checkpoints, n = N + 1):
+``R² = 1 - Σ_e SS_res,e / Σ_e SS_tot,e`` with ``SS_tot,e = Σ_j y_j² - (Σ_j y_j)² / n`` and
+``SS_res,e = SS_tot,e - S_ty,e² / S_tt``, ``S_ty,e = Σ_j t_j y_j - t̄ Σ_j y_j``, ``S_tt = Σ_j t_j² - n t̄²``.
+It needs only ``Σ t_i D_i``, ``Σ D_i`` and ``Σ ‖D_i‖²``, so the deltas stream through one at a time.
+None with fewer than 3 points or no movement at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+FITS = ("lsq", "pca", "endpoint")
+
+
+@dataclass
+class TensorFit:
+    drift: torch.Tensor  # float32, the tensor's shape: the fitted drift D at t_ref
+    r2: float | None  # pooled linearity R², None when undefined
+    delta_sq_norms: list[float]  # ‖D_i‖² per checkpoint (float64 sums)
+
+
+class LineAccumulator:
+    """Accumulate the deltas of one tensor, checkpoint by checkpoint, then fit the drift.
+
+    Memory: two float32 buffers of the tensor's size (``Σ t_i D_i`` and ``Σ D_i``), plus the last delta for
+    ``endpoint`` or all deltas for ``pca`` (the Gram trick needs every pair).
+    """
+
+    def __init__(self, t: Sequence[float], fit: str = "lsq"):
+        if fit not in FITS:
+            raise ValueError(f"unknown fit {fit!r}; choose one of {', '.join(FITS)}")
+        if any(ti <= 0 for ti in t):
+            raise ValueError("relative steps must be positive")
+        self.t = [float(x) for x in t]
+        self.fit = fit
+        self._sum_td: torch.Tensor | None = None  # Σ t_i D_i, float32
+        self._sum_d: torch.Tensor | None = None  # Σ D_i, float32
+        self._sum_sq = 0.0  # Σ ‖D_i‖², float64
+        self._sq: list[float] = []
+        self._kept: list[torch.Tensor] = []  # deltas kept for pca / endpoint
+
+    def add(self, delta: torch.Tensor) -> None:
+        """Add the next checkpoint's delta ``D_i`` (float32), in step order."""
+        i = len(self._sq)
+        if i >= len(self.t):
+            raise ValueError("more deltas than steps")
+        if self._sum_td is None:
+            self._sum_td = delta * self.t[i]
+            self._sum_d = delta.clone()
+        else:
+            self._sum_td.add_(delta, alpha=self.t[i])
+            self._sum_d.add_(delta)  # type: ignore[union-attr]
+        sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
+        self._sq.append(sq)
+        self._sum_sq += sq
+        if self.fit == "pca":
+            self._kept.append(delta)
+        elif self.fit == "endpoint":
+            self._kept = [delta]
+
+    def finish(self) -> TensorFit:
+        if len(self._sq) != len(self.t):
+            raise ValueError(f"got {len(self._sq)} deltas for {len(self.t)} steps")
+        assert self._sum_td is not None and self._sum_d is not None
+        t_ref = self.t[-1]
+        if self.fit == "lsq":
+            drift = self._sum_td * (t_ref / sum(x * x for x in self.t))
+        elif self.fit == "endpoint":
+            drift = self._kept[0]
+        else:
+            drift = pca_drift(torch.stack(self._kept), self.t)
+        return TensorFit(drift=drift, r2=self._r2(), delta_sq_norms=list(self._sq))
+
+    def _r2(self) -> float | None:
+        n = len(self.t) + 1  # the base is a point (t = 0, y = 0)
+        if n < 3:
+            return None
+        t_bar = sum(self.t) / n
+        s_tt = sum(x * x for x in self.t) - n * t_bar * t_bar
+        sum_d_sq = float(torch.linalg.vector_norm(self._sum_d, dtype=torch.float64) ** 2)
+        ss_tot = self._sum_sq - sum_d_sq / n
+        s_ty = self._sum_td - t_bar * self._sum_d  # per element S_ty   # type: ignore[operator]
+        explained = float(torch.linalg.vector_norm(s_ty, dtype=torch.float64) ** 2) / s_tt
+        if ss_tot <= 0.0:
+            return None
+        ss_res = max(ss_tot - explained, 0.0)
+        return 1.0 - ss_res / ss_tot
+
+
+def pca_drift(deltas: torch.Tensor, t: Sequence[float]) -> torch.Tensor:
+    """RELEX rank-1 drift from stacked deltas ``(N, *shape)`` at relative steps ``t``: ``c(t_ref) · v``."""
+    n = deltas.shape[0]
+    flat = deltas.reshape(n, -1)  # (N, d)
+    gram = (flat.double() @ flat.double().T) if n > 1 else flat.double().pow(2).sum().reshape(1, 1)  # (N, N)
+    _, vecs = torch.linalg.eigh(gram)
+    u = vecs[:, -1]  # (N,) top eigenvector of D Dᵀ
+    v = (u.to(flat.dtype) @ flat).double()  # (d,) ∝ top right singular vector
+    norm = torch.linalg.vector_norm(v)
+    if norm == 0:
+        return torch.zeros_like(deltas[0])
+    v = v / norm
+    c = flat.double() @ v  # (N,) coefficients c_i = D_i · v
+    ts = torch.tensor([0.0, *t], dtype=torch.float64)
+    cs = torch.cat([torch.zeros(1, dtype=torch.float64), c])
+    t_bar, c_bar = ts.mean(), cs.mean()
+    a = ((ts - t_bar) * (cs - c_bar)).sum() / ((ts - t_bar) ** 2).sum()
+    b = c_bar - a * t_bar
+    c_ref = a * t[-1] + b
+    return (c_ref * v).to(deltas.dtype).reshape(deltas.shape[1:])
