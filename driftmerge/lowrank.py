@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 SVD_METHODS = ("randomized", "exact")
+SHARE_TOL = 1e-6  # an energy share within this of the rule counts as reached (float32 round-off)
+ZERO_SHARE = 1e-12  # singular directions holding less than this share of ‖M‖_F² are round-off
 
 
 @dataclass
@@ -42,13 +44,14 @@ def matrix_seed(seed: int, name: str) -> int:
 
 def select_rank(sq_sv: torch.Tensor, total: float, rule: int | float) -> int:
     """Rank for singular values squared ``sq_sv`` (descending) of a matrix whose ‖M‖_F² is ``total``."""
-    if isinstance(rule, int):
-        return max(0, min(rule, int((sq_sv > 0).sum())))
     if total <= 0:
         return 0
+    nonzero = int((sq_sv > total * ZERO_SHARE).sum())  # directions above round-off
+    if isinstance(rule, int):
+        return min(rule, nonzero)
     share = torch.cumsum(sq_sv.double(), 0) / total  # (k,)
-    reached = torch.nonzero(share >= rule - 1e-12)
-    return int(reached[0]) + 1 if len(reached) else int((sq_sv > 0).sum())
+    reached = torch.nonzero(share >= rule - SHARE_TOL)
+    return min(int(reached[0]) + 1, nonzero) if len(reached) else nonzero
 
 
 def _orth(y: torch.Tensor) -> torch.Tensor:
@@ -115,7 +118,7 @@ def factorize(
         if (
             exact
             or not isinstance(rule, float)
-            or all(float(sq[i, : ranks[i]].sum()) >= rule * totals[i] - 1e-12 for i in range(b))
+            or all(float(sq[i, : ranks[i]].sum()) >= (rule - SHARE_TOL) * totals[i] for i in range(b))
         ):
             break
         k_want = min(2 * k_want, full)  # the share was not reached inside the sketch: widen it

@@ -1,0 +1,19 @@
+"""Shared fixtures: tiny planted runs built in-process (no network), reused across tests where read-only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from driftmerge.synthetic import SyntheticRun, make_run
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SyntheticRun]:
+    """One read-only planted run per architecture: 3 checkpoints, a little noise."""
+    out = {}
+    for arch in ("llama", "qwen2", "gpt2"):
+        out[arch] = make_run(tmp_path_factory.mktemp(arch), arch=arch, noise=0.05, seed=1)
+    return out
