@@ -116,7 +116,7 @@ def write_adapter(
     save_file(
         {k: v.contiguous() for k, v in sorted(extras.items())},
         str(folder / EXTRAS),
-        metadata={"format": "pt", "driftmerge": "full-rank drift of tensors PEFT cannot carry"},
+        metadata={"format": "pt"},  # one key only: safetensors writes metadata in hash order
     )
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     (folder / META).write_text(json.dumps(meta, indent=2) + "\n")

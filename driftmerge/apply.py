@@ -8,6 +8,7 @@ safetensors shards of at most ``max_shard_size`` bytes; config, generation confi
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -24,6 +25,8 @@ from driftmerge.cards import adapter_card, model_card
 from driftmerge.checkpoints import Checkpoint
 from driftmerge.errors import InputError
 from driftmerge.outputs import atomic_output_dir, check_output_dir
+
+logger = logging.getLogger("driftmerge")
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -139,7 +142,19 @@ def apply_drift(
 
 
 def check_matches_base(adapter: Adapter, base: Checkpoint) -> None:
-    """Every tensor the adapter changes must exist in the base with the recorded shape."""
+    """The base must have the recorded architecture; other weights of that architecture only get a warning."""
+    recorded = adapter.meta.get("base", {})
+    if recorded.get("signature") and recorded["signature"] != base.signature():
+        raise InputError(
+            f"{base.path}: its tensors (names, shapes or dtypes) differ from those of the base this adapter was made"
+            f" from ({recorded.get('ref')}); this adapter was made from another base"
+        )
+    if recorded.get("probe") and recorded["probe"] != base.probe():
+        logger.warning(
+            "%s has the architecture of the adapter's base %s but other weights; applying the drift anyway",
+            base.path,
+            recorded.get("ref"),
+        )
     for name, rec in adapter.meta.get("tensors", {}).items():
         if rec.get("stored") not in ("lora", "extras"):
             continue

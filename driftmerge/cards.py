@@ -71,7 +71,7 @@ def model_card(base_ref: str, adapter_meta: dict[str, Any], scale: float, step: 
 `W = W0 + {scale:g} · drift`, made by [driftmerge](https://pypi.org/project/driftmerge/) from the base
 `{base_ref}` and the drift adapter `{adapter_meta.get("adapter_ref", "?")}`.
 
-- scale: {scale:g} (1 = the reference checkpoint at step {adapter_meta["s_ref"]}); equivalent step: {step:g}
+- scale: {scale:g}, i.e. step {step:g} (scale 1 = the reference checkpoint at step {adapter_meta["s_ref"]})
 - drift fit: `{adapter_meta["fit"]}` over steps {", ".join(str(c["step"]) for c in adapter_meta["checkpoints"])}
 - rank rule: {adapter_meta["rank_rule"]}
 

@@ -8,6 +8,7 @@ only the shard that holds it is opened.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -129,6 +130,23 @@ class Checkpoint:
     def weight_bytes(self) -> int:
         """Bytes of all weight files (the size of the checkpoint on disk)."""
         return sum((self.path / f).stat().st_size for f in {i.file for i in self.infos.values()})
+
+    def signature(self) -> str:
+        """sha256 over every tensor's name, shape and dtype: equal for folders of the same architecture."""
+        h = hashlib.sha256()
+        for name in sorted(self.infos):
+            info = self.infos[name]
+            h.update(f"{name}:{list(info.shape)}:{info.dtype};".encode())
+        return h.hexdigest()
+
+    def probe(self, count: int = 3) -> str:
+        """sha256 over the bytes of the ``count`` smallest floating-point tensors: tells two sets of weights apart."""
+        small = sorted((i.numel, n) for n, i in self.infos.items() if i.dtype.is_floating_point)[:count]
+        h = hashlib.sha256()
+        for _, name in small:
+            h.update(name.encode())
+            h.update(self.get(name).float().numpy().tobytes())
+        return h.hexdigest()
 
     @property
     def tie_word_embeddings(self) -> bool:

@@ -234,7 +234,12 @@ def _meta(
     return {
         "format_version": FORMAT_VERSION,
         "driftmerge_version": __version__,
-        "base": {"ref": str(base.path.absolute()), "step": opts.base_step},
+        "base": {
+            "ref": str(base.path.absolute()),
+            "step": opts.base_step,
+            "signature": base.signature(),
+            "probe": base.probe(),
+        },
         "checkpoints": [{"ref": str(c.path.absolute()), "step": s} for c, s in zip(cks, steps, strict=True)],
         "steps_source": source,
         "base_step": opts.base_step,

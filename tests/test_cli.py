@@ -1,0 +1,176 @@
+"""The console script: summaries, defaults, and bad input (one clear line, a non-zero code, nothing left)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+from safetensors.torch import load_file, save_file
+
+from driftmerge.synthetic import make_run
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and ".tmp-" in p.name)
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    def call(*args):
+        return run_cli(list(args), monkeypatch, capsys)
+
+    return call
+
+
+def assert_one_line_error(code, err, want_code, *fragments):
+    assert code == want_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("driftmerge: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_extract_and_apply_with_defaults(runs, tmp_path, monkeypatch, cli):
+    run = runs["llama"]
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("extract", run.base, *run.checkpoints)
+    assert code == 0, err
+    for words in ("wrote", "tensors", "energy kept", "median R²", "adapter vs", "drift_extras.safetensors"):
+        assert words in out
+    assert (tmp_path / "driftmerge-adapter" / "adapter_model.safetensors").is_file()
+    code, out, err = cli("apply", "--scale", "1.5")
+    assert code == 0, err
+    assert "scale 1.5 (step 450)" in out
+    assert (tmp_path / "driftmerge-model" / "model.safetensors").is_file()
+    code, out, err = cli("apply", "--step", "600", "--format", "adapter")
+    assert code == 0, err
+    assert (tmp_path / "driftmerge-adapter-scaled" / "adapter_config.json").is_file()
+
+
+def test_demo_runs(cli, tmp_path):
+    code, out, err = cli("demo", "--keep", tmp_path / "demo")
+    assert code == 0, err
+    assert "extrapolated model   relative error" in out and "all finite" in out
+    assert (tmp_path / "demo" / "driftmerge-model" / "config.json").is_file()
+
+
+def test_help_and_version(cli):
+    code, out, _ = cli("--help")
+    assert code == 0 and "extract" in out and "Exit codes" in out
+    code, out, _ = cli("--version")
+    assert code == 0 and "driftmerge" in out
+
+
+def test_missing_path(runs, tmp_path, cli):
+    code, _, err = cli("extract", tmp_path / "nope", runs["llama"].checkpoints[0], "-o", tmp_path / "out")
+    assert_one_line_error(code, err, 3, "nope", "no such")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_folder_without_weights(runs, tmp_path, cli):
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("extract", runs["llama"].base, tmp_path / "empty", "-o", tmp_path / "out")
+    assert_one_line_error(code, err, 3, "empty", "no model weights")
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_architecture_and_other_shape(runs, tmp_path, cli):
+    code, _, err = cli("extract", runs["llama"].base, runs["qwen2"].checkpoints[0], "-o", tmp_path / "out")
+    assert_one_line_error(code, err, 3, "same architecture")
+    wide = make_run(tmp_path / "wide", arch="llama", hidden=48, steps=(100,))
+    code, _, err = cli("extract", runs["llama"].base, wide.checkpoints[0], "-o", tmp_path / "out")
+    assert_one_line_error(code, err, 3, "shape")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_missing_tensor_in_one_checkpoint(runs, tmp_path, cli):
+    run = runs["llama"]
+    bad = tmp_path / "checkpoint-200"
+    shutil.copytree(run.checkpoints[1], bad)
+    w = load_file(str(bad / "model.safetensors"))
+    w.pop("model.layers.1.mlp.up_proj.weight")
+    save_file(w, str(bad / "model.safetensors"))
+    code, _, err = cli("extract", run.base, run.checkpoints[0], bad, "-o", tmp_path / "out")
+    assert_one_line_error(code, err, 3, "checkpoint-200", "model.layers.1.mlp.up_proj.weight")
+
+
+def test_nan_and_identical_checkpoint(runs, tmp_path, cli):
+    run = runs["llama"]
+    bad = tmp_path / "checkpoint-300"
+    shutil.copytree(run.checkpoints[2], bad)
+    w = load_file(str(bad / "model.safetensors"))
+    w["model.norm.weight"][3] = float("nan")
+    save_file(w, str(bad / "model.safetensors"))
+    code, _, err = cli("extract", run.base, bad, "-o", tmp_path / "out")
+    assert_one_line_error(code, err, 3, "model.norm.weight", "NaN")
+    same = tmp_path / "checkpoint-100"
+    shutil.copytree(run.base, same)
+    code, _, err = cli("extract", run.base, same, "-o", tmp_path / "out")
+    assert_one_line_error(code, err, 3, "identical to the base")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
+def test_existing_output_is_refused_and_kept(runs, tmp_path, cli):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = cli("extract", runs["llama"].base, *runs["llama"].checkpoints, "-o", out)
+    assert_one_line_error(code, err, 4, "already exists", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    code, _, err = cli("extract", runs["llama"].base, *runs["llama"].checkpoints, "-o", out, "--overwrite")
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "driftmerge.json").is_file()
+    assert not leftovers(tmp_path)
+
+
+def test_output_inside_an_input_is_refused(runs, tmp_path, cli):
+    run = runs["llama"]
+    code, _, err = cli("extract", run.base, *run.checkpoints, "-o", run.base / "adapter")
+    assert_one_line_error(code, err, 4, "inside the input")
+    assert not (run.base / "adapter").exists()
+
+
+def test_bad_options(runs, tmp_path, cli):
+    run = runs["llama"]
+    code, _, err = cli("extract", run.base, *run.checkpoints, "-o", tmp_path / "o", "--rank", "0")
+    assert_one_line_error(code, err, 3, "--rank")
+    code, _, err = cli("extract", run.base, *run.checkpoints, "-o", tmp_path / "o", "--rank", "1.5")
+    assert_one_line_error(code, err, 3, "(0, 1]")
+    code, _, err = cli("extract", run.base, *run.checkpoints, "-o", tmp_path / "o", "--steps", "1,2")
+    assert_one_line_error(code, err, 3, "--steps gives 2 steps for 3 checkpoints")
+    code, _, err = cli("extract", run.base, *run.checkpoints, "--rank", "abc")
+    assert code == 2 and "Traceback" not in err
+    code, _, err = cli("apply", tmp_path / "no-adapter", "--scale", "1")
+    assert_one_line_error(code, err, 3, "no-adapter")
+    code, _, err = cli("apply", tmp_path / "no-adapter", "--scale", "nan-ish")
+    assert code == 2 and "Traceback" not in err
+    code, _, err = cli("apply", "--scale", "1", "--step", "3")
+    assert code == 2 and "exactly one" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_adapter_from_another_base(runs, tmp_path, cli):
+    run = runs["llama"]
+    code, _, err = cli("extract", run.base, *run.checkpoints, "-o", tmp_path / "a")
+    assert code == 0, err
+    code, _, err = cli("apply", tmp_path / "a", "--scale", "1", "--base", runs["qwen2"].base, "-o", tmp_path / "m")
+    assert_one_line_error(code, err, 3, "another base")
+    assert not (tmp_path / "m").exists() and not leftovers(tmp_path)
+
+
+def test_console_script_exit_code(tmp_path):
+    """The installed entry point itself: no traceback, exit code 3, nothing written."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "driftmerge_cli.main", "extract", str(tmp_path / "a"), str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
