@@ -56,7 +56,9 @@ def progress_bar(desc: str) -> Iterator[Callable[[int, int, str], None]]:
 
     def update(done: int, total: int, name: str) -> None:
         nonlocal bar
-        if bar is None:
+        if bar is None or bar.total != total:  # a new phase (extract, then apply) gets a new bar
+            if bar is not None:
+                bar.close()
             bar = tqdm(total=total, desc=desc, unit="tensor", disable=None, leave=False, file=sys.stderr)
         bar.update(done - bar.n)
         bar.set_postfix_str(name[-40:], refresh=False)

@@ -13,7 +13,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,12 +148,6 @@ class Checkpoint:
             h.update(self.get(name).float().numpy().tobytes())
         return h.hexdigest()
 
-    @property
-    def tie_word_embeddings(self) -> bool:
-        cfg = self.config or {}
-        text_cfg = cfg.get("text_config") or {}
-        return bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
-
     def close(self) -> None:
         self._handles.clear()
 
@@ -274,15 +268,3 @@ def resolve_steps(
     if first <= base_step:
         raise InputError(f"checkpoint step {first} is not after the base step {base_step} (see --base-step)")
     return [found[i] for i in order], order, source
-
-
-def parse_int_list(text: str) -> list[int]:
-    """Parse ``100,200,300`` into integers, with a clear error."""
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise InputError(f"not a comma-separated list of integers: {text!r}") from exc
-
-
-def open_all(paths: Iterable[str | Path]) -> list[Checkpoint]:
-    return [Checkpoint(p) for p in paths]

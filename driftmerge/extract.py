@@ -136,7 +136,7 @@ def extract(
         rec = {"shape": list(w0.shape), "kind": kind or "other", "drift_norm": norm, "r2": fit.r2}
         records[name] = rec
         if norm == 0.0:
-            rec.update(stored="zero", rank=0, energy=None)
+            rec.update(stored="zero", rank=None, energy=None)
         elif kind is not None:
             rec.update(stored="lora", module=arch.modules[name])
             matrix = fit.drift.T if kind in ("embedding", "conv1d") else fit.drift  # (out, in) as PEFT's B A
@@ -149,6 +149,9 @@ def extract(
     modules: dict[str, LoraModule] = {}
     for name, factor in factorizer.finish().items():
         rec = records[name]
+        if factor.rank == 0:  # drift below round-off: never write a rank-0 LoRA entry
+            rec.update(stored="zero", rank=None, energy=None)
+            continue
         rec.update(rank=factor.rank, energy=factor.energy)
         modules[rec["module"]] = LoraModule(name, rec["kind"], factor.A, factor.B)
 

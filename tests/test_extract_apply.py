@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from helpers import load_weights
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from driftmerge.adapter import read_adapter
@@ -206,3 +208,30 @@ def test_reads_are_lazy_per_tensor(runs):
     assert ck.format == "safetensors" and len(ck.infos) > 10
     name = next(iter(ck.infos))
     assert tuple(ck.get(name).shape) == ck.infos[name].shape
+
+
+def test_tied_lm_head_stored_in_the_files_moves_with_the_embedding(runs, tmp_path):
+    """Some checkpoints store a tied lm_head.weight explicitly: it is fitted once and applied to both."""
+    run = runs["gpt2"]
+    folders = []
+    for src in [run.base, *run.checkpoints]:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        w = load_file(str(dst / "model.safetensors"))
+        w["lm_head.weight"] = w["transformer.wte.weight"].clone()
+        save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        folders.append(dst)
+    res = extract(folders[0], folders[1:], tmp_path / "a")
+    assert res.meta["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert "lm_head.weight" not in res.meta["tensors"]
+    out = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", scale=2.0).out_dir)
+    assert torch.equal(out["lm_head.weight"], out["transformer.wte.weight"])
+    assert not torch.equal(out["lm_head.weight"], load_file(str(folders[0] / "model.safetensors"))["lm_head.weight"])
+
+
+def test_other_weights_of_the_same_architecture_only_warn(runs, tmp_path, caplog):
+    run = runs["llama"]
+    extract(run.base, run.checkpoints, tmp_path / "a")
+    with caplog.at_level("WARNING", logger="driftmerge"):
+        apply_drift(tmp_path / "a", tmp_path / "m", scale=1.0, base=run.checkpoints[0])
+    assert "other weights" in caplog.text
