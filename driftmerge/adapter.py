@@ -84,9 +84,9 @@ def peft_config(
         "base_model_name_or_path": base_ref,
         "revision": None,
         "r": r,
-        "lora_alpha": scale * r,
+        "lora_alpha": _num(scale * r),
         "rank_pattern": pattern,
-        "alpha_pattern": {p: scale * k for p, k in pattern.items()},
+        "alpha_pattern": {p: _num(scale * k) for p, k in pattern.items()},
         "target_modules": sorted(modules),
         "lora_dropout": 0.0,
         "fan_in_fan_out": fan_in_fan_out,
@@ -97,6 +97,11 @@ def peft_config(
         "init_lora_weights": True,
         "inference_mode": True,
     }
+
+
+def _num(x: float) -> int | float:
+    """An integral alpha as an int (as PEFT writes it), any other as a float."""
+    return int(x) if float(x).is_integer() else float(x)
 
 
 def write_adapter(

@@ -30,13 +30,13 @@ def adapter_card(meta: dict[str, Any], summary: dict[str, Any]) -> str:
     body = f"""# driftmerge drift adapter
 
 The linear weight drift of an RLVR run, fitted across the base and its checkpoints and stored as a
-rank-{meta["rank_rule"]} LoRA adapter by [driftmerge](https://pypi.org/project/driftmerge/).
+{_rank_text(meta["rank_rule"])} LoRA adapter by [driftmerge](https://pypi.org/project/driftmerge/).
 {scaled}
 - base: `{base}` (step {meta["base_step"]})
 - checkpoints: steps {steps}; reference step (scale 1) {meta["s_ref"]}
 - fit: `{meta["fit"]}`; factorization: `{meta["svd"]}` (seed {meta["seed"]})
-- LoRA modules: {summary["lora_tensors"]}, ranks {summary["rank_min"]}–{summary["rank_max"]}; drift energy kept by
-  the factors: {summary["energy_kept"]:.4f}
+- LoRA modules: {summary["lora_tensors"]}, {_ranks(summary)}; drift energy kept by the factors:
+  {summary["energy_kept"]:.4f}
 - median linearity R²: {_fmt(summary["median_r2"])}
 
 **PEFT sees only part of the drift.** `drift_extras.safetensors` holds the full-rank drift of
@@ -84,6 +84,15 @@ A scale above 1 extrapolates beyond the last checkpoint: evaluate it before you 
 ```
 """
     return _card(data, body)
+
+
+def _ranks(summary: dict[str, Any]) -> str:
+    lo, hi = summary["rank_min"], summary["rank_max"]
+    return f"rank {lo}" if lo == hi else f"ranks {lo}–{hi}"
+
+
+def _rank_text(rule: int | float) -> str:
+    return f"rank-{rule}" if isinstance(rule, int) else f"low-rank (keeping {rule:.0%} of each matrix's drift energy)"
 
 
 def _fmt(x: float | None) -> str:

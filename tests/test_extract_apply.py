@@ -235,3 +235,24 @@ def test_other_weights_of_the_same_architecture_only_warn(runs, tmp_path, caplog
     with caplog.at_level("WARNING", logger="driftmerge"):
         apply_drift(tmp_path / "a", tmp_path / "m", scale=1.0, base=run.checkpoints[0])
     assert "other weights" in caplog.text
+
+
+def test_tensor_without_drift_is_left_out_and_reported(runs, tmp_path):
+    run = runs["llama"]
+    frozen = "model.layers.0.self_attn.k_proj.weight"
+    base_w = load_file(str(run.base / "model.safetensors"))[frozen]
+    folders = []
+    for src in run.checkpoints:
+        dst = tmp_path / src.name
+        shutil.copytree(src, dst)
+        w = load_file(str(dst / "model.safetensors"))
+        w[frozen] = base_w.clone()
+        save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
+        folders.append(dst)
+    res = extract(run.base, folders, tmp_path / "a")
+    assert res.meta["tensors"][frozen]["stored"] == "zero" and res.summary["zero_tensors"] == [frozen]
+    adapter = read_adapter(tmp_path / "a")
+    assert "model.layers.0.self_attn.k_proj" not in adapter.modules
+    assert all(m.rank >= 1 for m in adapter.modules.values())
+    out = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", scale=1.5).out_dir)
+    assert torch.equal(out[frozen], base_w)
