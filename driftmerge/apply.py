@@ -135,9 +135,7 @@ def apply_drift(
                 progress(done, len(names), name)
         shards, written = writer.finish()
         _copy_side_files(base_ck.path, tmp, dtype if out_dtype is not None else None)
-        (tmp / "README.md").write_text(
-            model_card(str(base_ck.path), {**meta, "adapter_ref": str(adapter_dir)}, scale, step, command)
-        )
+        (tmp / "README.md").write_text(model_card(str(base_ck.path), str(adapter_dir), meta, scale, step, command))
     return ApplyResult(out_dir, scale, step, changed, len(names), shards, written)
 
 

@@ -63,13 +63,15 @@ model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")  # scale 1
     return _card(data, body)
 
 
-def model_card(base_ref: str, adapter_meta: dict[str, Any], scale: float, step: float, command: str | None) -> str:
+def model_card(
+    base_ref: str, adapter_ref: str, adapter_meta: dict[str, Any], scale: float, step: float, command: str | None
+) -> str:
     """Card for a model written by ``driftmerge apply``."""
     data = ModelCardData(base_model=hub_id_or_none(base_ref), tags=["driftmerge", "rlvr", "extrapolation"])
     body = f"""# driftmerge model at scale {scale:g}
 
 `W = W0 + {scale:g} · drift`, made by [driftmerge](https://pypi.org/project/driftmerge/) from the base
-`{base_ref}` and the drift adapter `{adapter_meta.get("adapter_ref", "?")}`.
+`{base_ref}` and the drift adapter `{adapter_ref}`.
 
 - scale: {scale:g}, i.e. step {step:g} (scale 1 = the reference checkpoint at step {adapter_meta["s_ref"]})
 - drift fit: `{adapter_meta["fit"]}` over steps {", ".join(str(c["step"]) for c in adapter_meta["checkpoints"])}

@@ -43,12 +43,11 @@ def run_demo(folder: str | Path, progress=None) -> DemoReport:  # type: ignore[n
     base, out, last = Checkpoint(run.base), Checkpoint(model_dir), Checkpoint(run.checkpoints[-1])
     num_ext = num_last = den = 0.0
     for name, direction in run.directions.items():
-        key = name if name in base.infos else None
-        if key is None:
+        if name not in base.infos:
             continue
-        truth = base.get(key).float() + DEMO_SCALE * direction
-        num_ext += float((out.get(key).float() - truth).pow(2).sum())
-        num_last += float((last.get(key).float() - truth).pow(2).sum())
+        truth = base.get(name).float() + DEMO_SCALE * direction
+        num_ext += float((out.get(name).float() - truth).pow(2).sum())
+        num_last += float((last.get(name).float() - truth).pow(2).sum())
         den += float((DEMO_SCALE * direction).pow(2).sum())
     from transformers import AutoModelForCausalLM
 

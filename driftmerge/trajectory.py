@@ -108,16 +108,15 @@ class LineAccumulator:
 def pca_drift(deltas: torch.Tensor, t: Sequence[float]) -> torch.Tensor:
     """RELEX rank-1 drift from stacked deltas ``(N, *shape)`` at relative steps ``t``: ``c(t_ref) · v``."""
     n = deltas.shape[0]
-    flat = deltas.reshape(n, -1)  # (N, d)
-    gram = (flat.double() @ flat.double().T) if n > 1 else flat.double().pow(2).sum().reshape(1, 1)  # (N, N)
-    _, vecs = torch.linalg.eigh(gram)
+    flat = deltas.reshape(n, -1).double()  # (N, d)
+    _, vecs = torch.linalg.eigh(flat @ flat.T)  # Gram matrix (N, N)
     u = vecs[:, -1]  # (N,) top eigenvector of D Dᵀ
-    v = (u.to(flat.dtype) @ flat).double()  # (d,) ∝ top right singular vector
+    v = u @ flat  # (d,) ∝ top right singular vector
     norm = torch.linalg.vector_norm(v)
     if norm == 0:
         return torch.zeros_like(deltas[0])
     v = v / norm
-    c = flat.double() @ v  # (N,) coefficients c_i = D_i · v
+    c = flat @ v  # (N,) coefficients c_i = D_i · v
     ts = torch.tensor([0.0, *t], dtype=torch.float64)
     cs = torch.cat([torch.zeros(1, dtype=torch.float64), c])
     t_bar, c_bar = ts.mean(), cs.mean()

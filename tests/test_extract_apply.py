@@ -203,7 +203,7 @@ def test_explicit_steps_and_base_step_set_the_scale(runs, tmp_path):
     assert a.scale == pytest.approx(1.5)
 
 
-def test_reads_are_lazy_per_tensor(runs):
+def test_get_reads_one_tensor_with_its_header_shape(runs):
     ck = Checkpoint(runs["llama"].base)
     assert ck.format == "safetensors" and len(ck.infos) > 10
     name = next(iter(ck.infos))
