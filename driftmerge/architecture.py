@@ -1,8 +1,11 @@
 """Which module holds each weight: LoRA-able Linear / Embedding / Conv1D, and tied weights.
 
-The model skeleton is built from ``config.json`` on the ``meta`` device (no memory, no weights), so a
-tensor name maps to the module path PEFT will see and to the module's kind. Without a usable config, 2-D
-``*.weight`` tensors are taken as Linear (embeddings recognised by name) and a warning is logged.
+For the common dense decoders (``DENSE_DECODERS``: every 2-D ``*.weight`` is an ``nn.Linear`` except the token
+embedding, module path = tensor name) the answer comes from the names and ``config.json`` alone, without importing
+transformers (seconds saved per run; tests check it against the skeleton below). Other architectures get a model
+skeleton built from ``config.json`` on the ``meta`` device (no memory, no weights), so a tensor name maps to the
+module path PEFT will see and to the module's kind. Without a usable config, 2-D ``*.weight`` tensors are taken
+as Linear (embeddings recognised by name) and a warning is logged.
 """
 
 from __future__ import annotations
@@ -15,6 +18,18 @@ from typing import Any
 logger = logging.getLogger("driftmerge")
 
 KINDS = ("linear", "embedding", "conv1d")
+# model_type -> tie_word_embeddings default of its config class (used when config.json leaves the key out)
+DENSE_DECODERS = {
+    "llama": False,
+    "mistral": False,
+    "qwen2": False,
+    "qwen3": False,
+    "gemma": True,
+    "gemma2": True,
+    "phi3": False,
+    "olmo2": False,
+    "granite": False,
+}
 _EMBED_HINTS = ("embed_tokens", "wte", "wpe", "word_embeddings", "embed_positions", "position_embeddings")
 
 
@@ -24,11 +39,13 @@ class Architecture:
     modules: dict[str, str] = field(default_factory=dict)  # tensor name -> module path in the loaded model
     tied: dict[str, str] = field(default_factory=dict)  # tensor name -> the name whose weight it shares
     fan_in_fan_out: bool = False  # True when any LoRA target is a GPT-2 style Conv1D
-    source: str = "config"  # "config" (meta skeleton) or "names" (fallback)
+    source: str = "config"  # "known" (dense decoder), "config" (meta skeleton) or "names" (fallback)
 
 
 def describe(config: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]]) -> Architecture:
     """Map each 2-D ``*.weight`` tensor of ``shapes`` to its module kind and path."""
+    if config and config.get("model_type") in DENSE_DECODERS:
+        return _dense_decoder(config, shapes)
     if config and config.get("model_type"):
         try:
             return _from_skeleton(config, shapes)
@@ -45,6 +62,19 @@ def _from_names(shapes: dict[str, tuple[int, ...]]) -> Architecture:
         if len(shape) == 2 and name.endswith(".weight"):
             arch.kinds[name] = "embedding" if any(h in name for h in _EMBED_HINTS) else "linear"
             arch.modules[name] = name[: -len(".weight")]
+    return arch
+
+
+def _dense_decoder(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> Architecture:
+    arch = Architecture(source="known")
+    for name, shape in shapes.items():
+        if len(shape) == 2 and name.endswith(".weight"):
+            arch.kinds[name] = "embedding" if name.endswith("embed_tokens.weight") else "linear"
+            arch.modules[name] = name[: -len(".weight")]
+    tie = config.get("tie_word_embeddings", DENSE_DECODERS[config["model_type"]])
+    out_key, in_key = "lm_head.weight", "model.embed_tokens.weight"
+    if tie and out_key in shapes and in_key in shapes:
+        arch.tied = {out_key: in_key}
     return arch
 
 
