@@ -5,8 +5,6 @@ from __future__ import annotations
 import click
 from driftmerge_cli.common import command_line, human_bytes, progress_bar
 
-from driftmerge.apply import apply_drift
-
 
 @click.command("apply")
 @click.argument("adapter", default="driftmerge-adapter", type=click.Path(path_type=str))
@@ -34,6 +32,8 @@ from driftmerge.apply import apply_drift
 def apply_cmd(adapter: str, base: str | None, scale: float | None, step: float | None, out: str | None, fmt: str,
               dtype: str, max_shard_size: str, overwrite: bool) -> None:  # fmt: skip
     """Produce the model at --scale S (or --step T) along the drift stored in ADAPTER."""
+    from driftmerge.apply import apply_drift
+
     if (scale is None) == (step is None):
         raise click.UsageError("give exactly one of --scale or --step")
     out = out or ("driftmerge-model" if fmt == "model" else "driftmerge-adapter-scaled")

@@ -44,6 +44,24 @@ class StepsType(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of integer steps", param, ctx)
 
 
+class SizeType(click.ParamType):
+    """``2GiB``, ``500MB`` or a byte count."""
+
+    name = "SIZE"
+
+    def __init__(self, flag: str):
+        self.flag = flag
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        from driftmerge.errors import InputError
+        from driftmerge.memory import parse_size
+
+        try:
+            return parse_size(value, self.flag)
+        except InputError as exc:
+            self.fail(str(exc).removeprefix(f"{self.flag}: "), param, ctx)
+
+
 def command_line() -> str:
     """The command as the user typed it, for the model card."""
     return " ".join(shlex.quote(a) for a in ["driftmerge", *sys.argv[1:]])

@@ -10,13 +10,13 @@ import click
 from driftmerge_cli.common import progress_bar
 from driftmerge_cli.extract import print_summary
 
-from driftmerge.demo import DEMO_SCALE, run_demo
-
 
 @click.command("demo")
 @click.option("--keep", type=click.Path(path_type=Path), help="Keep the demo's files in this folder.")
 def demo_cmd(keep: Path | None) -> None:
     """Build a tiny Llama-shaped RL run with a planted drift, extract it, extrapolate to scale 1.5."""
+    from driftmerge.demo import DEMO_SCALE, run_demo
+
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="driftmerge-demo-") as tmp:
         folder = keep or Path(tmp)

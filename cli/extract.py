@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import click
-from driftmerge_cli.common import RankType, StepsType, command_line, human_bytes, progress_bar
+from typing import TYPE_CHECKING
 
-from driftmerge.extract import ExtractOptions, ExtractResult, extract
+import click
+from driftmerge_cli.common import RankType, SizeType, StepsType, command_line, human_bytes, progress_bar
+
+if TYPE_CHECKING:  # the library (torch) loads when a command runs, so --help stays instant
+    from driftmerge.extract import ExtractResult
 
 
 @click.command("extract")
@@ -44,9 +47,19 @@ from driftmerge.extract import ExtractOptions, ExtractResult, extract
 @click.option("--include", metavar="REGEX", help="Only fit tensors whose name matches.")
 @click.option("--exclude", metavar="REGEX", help="Leave out tensors whose name matches (the base is kept for them).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized factorization.")
+@click.option(
+    "--max-memory",
+    type=SizeType("--max-memory"),
+    default="1GiB",
+    show_default=True,
+    help="Budget for read-ahead and drift matrices awaiting factorization; peak use adds a few copies of the "
+    "largest tensor. Changes speed, never the result.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 def extract_cmd(base: str, checkpoints: tuple[str, ...], out: str, overwrite: bool, **opts: object) -> None:
     """Fit the linear drift from BASE through CHECKPOINT... and store it as a PEFT LoRA adapter."""
+    from driftmerge.extract import ExtractOptions, extract
+
     options = ExtractOptions(**opts)  # type: ignore[arg-type]
     with progress_bar("extract") as progress:
         result = extract(base, list(checkpoints), out, options, overwrite, progress, command_line())

@@ -12,6 +12,7 @@ from driftmerge_cli.extract import extract_cmd
 
 from driftmerge import __version__
 from driftmerge.errors import DriftmergeError
+from driftmerge.memory import keep_freed_buffers
 
 EXIT_CODES = """Exit codes: 0 success, 1 unexpected failure, 2 bad usage (unknown option, missing argument),
 3 bad input (path, weights, steps, shapes, values), 4 output problem (folder exists, overlaps an input, disk full)."""
@@ -34,6 +35,7 @@ cli.add_command(demo_cmd)
 
 def main() -> None:
     """Run the CLI; a :class:`DriftmergeError` becomes one line on stderr and its exit code."""
+    keep_freed_buffers()  # this process is ours: let large tensor buffers be reused instead of re-faulted
     try:
         rc = cli.main(standalone_mode=False)
     except click.exceptions.Abort:

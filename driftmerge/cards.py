@@ -6,8 +6,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -16,14 +14,17 @@ def hub_id_or_none(ref: str) -> str | None:
     return ref if _HUB_ID.match(ref) and not Path(ref).exists() else None
 
 
-def _card(data: ModelCardData, body: str) -> str:
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+def _card(data: dict[str, Any], body: str) -> str:
+    """A model card: ``data`` (``ModelCardData`` fields) as YAML front matter, then ``body``."""
+    from huggingface_hub import ModelCard, ModelCardData  # imported here: it costs a quarter second at start-up
+
+    return str(ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n\n{body}"))
 
 
 def adapter_card(meta: dict[str, Any], summary: dict[str, Any]) -> str:
     """Card for an extracted (or scaled) adapter folder."""
     base = meta["base"]["ref"]
-    data = ModelCardData(base_model=hub_id_or_none(base), library_name="peft", tags=["driftmerge", "lora", "rlvr"])
+    data = {"base_model": hub_id_or_none(base), "library_name": "peft", "tags": ["driftmerge", "lora", "rlvr"]}
     steps = ", ".join(str(c["step"]) for c in meta["checkpoints"])
     scale = meta.get("scale")
     scaled = f"\nThe scale **{scale}** is baked into `lora_alpha` and the extras.\n" if scale is not None else ""
@@ -67,7 +68,7 @@ def model_card(
     base_ref: str, adapter_ref: str, adapter_meta: dict[str, Any], scale: float, step: float, command: str | None
 ) -> str:
     """Card for a model written by ``driftmerge apply``."""
-    data = ModelCardData(base_model=hub_id_or_none(base_ref), tags=["driftmerge", "rlvr", "extrapolation"])
+    data = {"base_model": hub_id_or_none(base_ref), "tags": ["driftmerge", "rlvr", "extrapolation"]}
     body = f"""# driftmerge model at scale {scale:g}
 
 `W = W0 + {scale:g} · drift`, made by [driftmerge](https://pypi.org/project/driftmerge/) from the base
