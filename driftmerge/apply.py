@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from driftmerge.adapter import Adapter, peft_config, read_adapter, write_adapter
 from driftmerge.cards import adapter_card, model_card
 from driftmerge.checkpoints import Checkpoint
 from driftmerge.errors import InputError
+from driftmerge.memory import parse_size
 from driftmerge.outputs import atomic_output_dir, check_output_dir
 
 logger = logging.getLogger("driftmerge")
@@ -65,19 +65,6 @@ def step_for_scale(scale: float, meta: dict[str, Any]) -> float:
     return meta["base_step"] + scale * (meta["s_ref"] - meta["base_step"])
 
 
-def parse_size(text: str | int) -> int:
-    """``5GB``, ``500MB``, ``2GiB`` or a byte count → bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
-    if not m:
-        raise InputError(f"--max-shard-size: not a size like 5GB or 500MB: {text!r}")
-    unit = m.group(2).rstrip("B") or ""
-    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "KI": 1, "MI": 2, "GI": 3, "TI": 4}[unit]
-    base = 1024 if unit.endswith("I") else 1000
-    return int(float(m.group(1)) * base**power)
-
-
 def apply_drift(
     adapter_dir: str | Path,
     out_dir: str | Path,
@@ -109,7 +96,7 @@ def apply_drift(
         raise InputError(f"--format must be model or adapter, got {fmt!r}")
     if dtype != "auto" and dtype not in OUT_DTYPES:
         raise InputError(f"--dtype must be auto or one of {', '.join(OUT_DTYPES)}, got {dtype!r}")
-    shard_limit = parse_size(max_shard_size)
+    shard_limit = parse_size(max_shard_size, "--max-shard-size")
     base_ck = Checkpoint(base if base is not None else meta["base"]["ref"])
     check_matches_base(adapter, base_ck)
     out_dir = Path(out_dir)

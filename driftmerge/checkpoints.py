@@ -57,9 +57,13 @@ class Checkpoint:
     """A local Hugging Face model folder, opened read-only.
 
     ``infos`` maps every tensor name to its shape, dtype and file (read from the headers / index only);
-    ``get(name)`` reads one tensor. Open shard handles are kept (safetensors memory-maps them), so reading the same
-    tensor name from many checkpoints one after another never holds a whole model in memory.
+    ``get(name)`` reads one tensor. Shard handles stay open between reads; safetensors memory-maps the file, and
+    the pages a read touches count as this process's memory until the map closes, so a handle is closed (and
+    reopened on the next read) once ``RELEASE_AFTER`` bytes have been read through it. Reading a model tensor by
+    tensor therefore never holds the whole file.
     """
+
+    RELEASE_AFTER = 256 << 20
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -70,6 +74,7 @@ class Checkpoint:
         self.format, files = _weight_files(self.path)
         self.config: dict[str, Any] | None = _read_json(self.path / "config.json")
         self._handles: dict[str, Any] = {}
+        self._read_through: dict[str, int] = {}  # bytes read through each open handle
         self.infos: dict[str, TensorInfo] = {}
         for fname, names in files.items():
             self._index_file(fname, names)
@@ -122,9 +127,15 @@ class Checkpoint:
             raise InputError(f"{self.path}: no tensor named {name}")
         handle = self._open(info.file)
         try:
-            return handle.get_tensor(name) if self.format == "safetensors" else handle[name]
+            tensor = handle.get_tensor(name) if self.format == "safetensors" else handle[name]
         except Exception as exc:  # a truncated or corrupt file surfaces only when the bytes are read
             raise InputError(f"{self.path / info.file}: cannot read tensor {name} ({exc})") from exc
+        if self.format == "safetensors":  # get_tensor copies out of the map, so the map can close any time
+            read = self._read_through.get(info.file, 0) + info.numel * info.dtype.itemsize
+            self._read_through[info.file] = read
+            if read >= self.RELEASE_AFTER:
+                del self._handles[info.file], self._read_through[info.file]
+        return tensor
 
     @property
     def weight_bytes(self) -> int:
@@ -150,6 +161,7 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles.clear()
+        self._read_through.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

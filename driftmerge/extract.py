@@ -1,15 +1,20 @@
 """The extraction pipeline: checkpoints → trajectory fit → low-rank factors → adapter folder.
 
-Tensors stream one at a time: for each tensor name the base copy and each checkpoint's copy are read in turn
-(one shard handle per file, memory-mapped), the deltas feed a :class:`LineAccumulator`, and the fitted drift
-either waits in a same-shape group for batched factorization (2-D LoRA-able weights) or goes to the extras.
+Tensors stream one name at a time: a reader thread loads the base copy and every checkpoint's copy of the next
+names (within the read-ahead share of the memory budget; pinned for CUDA), while the main thread turns the
+current one into float32 deltas on the device, fits the line (:class:`LineAccumulator`), and sends the drift
+either to a same-shape group awaiting batched factorization (2-D LoRA-able weights) or to the extras. Groups are
+factorized whenever the pending drift matrices reach the group share of the budget, so peak memory follows the
+budget and the largest tensor, not the model's size or the number of checkpoints.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +28,15 @@ from driftmerge.architecture import Architecture, describe
 from driftmerge.cards import adapter_card
 from driftmerge.checkpoints import Checkpoint, check_compatible, resolve_steps
 from driftmerge.errors import InputError
-from driftmerge.lowrank import SVD_METHODS, factorize, matrix_seed
+from driftmerge.lowrank import SVD_METHODS, Factor, factorize, matrix_seed
 from driftmerge.outputs import atomic_output_dir, check_output_dir
-from driftmerge.trajectory import FITS, LineAccumulator
+from driftmerge.prefetch import Prefetcher
+from driftmerge.trajectory import FITS, LineAccumulator, TensorFit
 
 logger = logging.getLogger("driftmerge")
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
+MIN_MEMORY = 64 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -47,7 +54,7 @@ class ExtractOptions:
     base_step: int = 0  # step of the base
     niter: int = 2  # power iterations of the randomized factorization
     oversample: int = 8  # extra sketch columns of the randomized factorization
-    max_group_bytes: int = 1 << 30  # drift matrices waiting for batched factorization, at most
+    max_memory: int = 1 << 30  # bytes: read-ahead plus drift matrices awaiting factorization (DESIGN §5)
 
     def validate(self) -> None:
         if self.fit not in FITS:
@@ -62,6 +69,8 @@ class ExtractOptions:
             raise InputError(f"--rank must be at least 1, got {self.rank}")
         if isinstance(self.rank, float) and not 0.0 < self.rank <= 1.0:
             raise InputError(f"--rank as a share must lie in (0, 1], got {self.rank}")
+        if self.max_memory < MIN_MEMORY:
+            raise InputError(f"--max-memory must be at least {MIN_MEMORY >> 20} MiB, got {self.max_memory} bytes")
         for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
             if rx is not None:
                 try:
@@ -120,34 +129,54 @@ def extract(
     t = [s - opts.base_step for s in steps]
     records: dict[str, dict[str, Any]] = {}
     extras: dict[str, torch.Tensor] = {}
-    factorizer = _GroupFactorizer(opts, device)
+    read_ahead = min(opts.max_memory // 4, 1 << 30)
+    factorizer = _GroupFactorizer(opts, device, opts.max_memory - read_ahead)
     ckpt_sq = [0.0] * len(cks)
+    pin = device.type == "cuda"
 
-    for done, name in enumerate(names, 1):
-        w0 = _finite(base_ck, name)
-        acc = LineAccumulator(t, opts.fit)
-        for ck in cks:
-            acc.add(_finite(ck, name) - w0)
-        fit = acc.finish()
-        for j, sq in enumerate(fit.delta_sq_norms):
-            ckpt_sq[j] += sq
-        norm = float(torch.linalg.vector_norm(fit.drift, dtype=torch.float64))
-        kind = arch.kinds.get(name)
-        rec = {"shape": list(w0.shape), "kind": kind or "other", "drift_norm": norm, "r2": fit.r2}
-        records[name] = rec
-        if norm == 0.0:
-            rec.update(stored="zero", rank=None, energy=None)
-        elif kind is not None:
-            rec.update(stored="lora", module=arch.modules[name])
-            matrix = fit.drift.T if kind in ("embedding", "conv1d") else fit.drift  # (out, in) as PEFT's B A
-            factorizer.add(name, matrix)
-        else:
-            rec.update(stored="extras", rank=None, energy=1.0)
-            extras[name] = fit.drift
-        if progress:
-            progress(done, len(names), name)
+    # safetensors hands out views of a file map, read from disk on first touch: the reader thread copies the
+    # bytes out (into float32 on the CPU, pinned as stored for CUDA), so disk reads and conversion overlap compute
+    def load(name: str) -> list[torch.Tensor]:
+        ts = [base_ck.get(name), *(ck.get(name) for ck in cks)]
+        return [x.pin_memory() if pin else x.to(torch.float32, copy=True) for x in ts]
+
+    def size_of(name: str) -> int:
+        info = base_ck.infos[name]
+        return info.numel * (info.dtype.itemsize if pin else 4) * (1 + len(cks))
+
+    t_start = time.perf_counter()
+    with Prefetcher(names, load, size_of, read_ahead) as reader:
+        for done, (name, raw) in enumerate(reader, 1):
+            fit = _fit_tensor(name, raw, [base_ck, *cks], t, opts.fit, device)
+            del raw
+            for j, sq in enumerate(fit.delta_sq_norms):
+                ckpt_sq[j] += sq
+            norm = float(torch.linalg.vector_norm(fit.drift))
+            kind = arch.kinds.get(name)
+            rec = {"shape": list(base_ck.infos[name].shape), "kind": kind or "other", "drift_norm": norm}
+            rec["r2"] = fit.r2
+            records[name] = rec
+            if norm == 0.0:
+                rec.update(stored="zero", rank=None, energy=None)
+            elif kind is not None:
+                rec.update(stored="lora", module=arch.modules[name])
+                matrix = fit.drift.T if kind in ("embedding", "conv1d") else fit.drift  # (out, in) as PEFT's B A
+                factorizer.add(name, matrix)
+            else:
+                rec.update(stored="extras", rank=None, energy=1.0)
+                extras[name] = fit.drift.cpu()
+            del fit
+            if progress:
+                progress(done, len(names), name)
+        waited = reader.waited
+    t_pass = time.perf_counter()
+    factors = factorizer.finish()
+    logger.info(
+        "pass over %d tensors: %.2f s (%.2f s waiting for reads); factorization: %.2f s in all, %.2f s after the pass",
+        len(names), t_pass - t_start, waited, factorizer.seconds, time.perf_counter() - t_pass,
+    )  # fmt: skip
     modules: dict[str, LoraModule] = {}
-    for name, factor in factorizer.finish().items():
+    for name, factor in factors.items():
         rec = records[name]
         if factor.rank == 0:  # drift below round-off: never write a rank-0 LoRA entry
             rec.update(stored="zero", rank=None, energy=None)
@@ -171,11 +200,22 @@ def extract(
     return ExtractResult(out_dir=out_dir, meta=meta, summary=summary)
 
 
-def _finite(ck: Checkpoint, name: str) -> torch.Tensor:
-    x = ck.get(name).float()
-    if not torch.isfinite(x).all():
-        raise InputError(f"{ck.path}: tensor {name} holds NaN or Inf values")
-    return x
+def _fit_tensor(
+    name: str, raw: list[torch.Tensor], sources: list[Checkpoint], t: list[int], fit: str, device: torch.device
+) -> TensorFit:
+    """Fit one tensor from ``raw``: the base's copy then each checkpoint's, on the CPU, owned by the caller (so
+    float32 ones are updated in place) and maybe pinned."""
+    w0 = raw[0].to(device=device, dtype=torch.float32, non_blocking=True)  # (shape) base, float32
+    acc = LineAccumulator(t, fit)
+    for x in raw[1:]:
+        delta = x.to(device=device, dtype=torch.float32, non_blocking=True).sub_(w0)  # D_i, in x's buffer on CPU
+        sq = acc.add(delta)
+        if not math.isfinite(sq):  # NaN or Inf in the base or this checkpoint (a NaN propagates into ‖D_i‖²)
+            for src, y in zip(sources, raw, strict=True):
+                if not torch.isfinite(y).all():
+                    raise InputError(f"{src.path}: tensor {name} holds NaN or Inf values")
+            raise InputError(f"tensor {name}: values too large to fit in float32")
+    return acc.finish()
 
 
 def _select(base: Checkpoint, opts: ExtractOptions, arch: Architecture) -> list[str]:
@@ -193,33 +233,51 @@ def _select(base: Checkpoint, opts: ExtractOptions, arch: Architecture) -> list[
 
 
 class _GroupFactorizer:
-    """Collect drift matrices by shape and factorize each group as one batch, within a memory budget."""
+    """Collect drift matrices by shape and factorize each shape's group as one batch.
 
-    def __init__(self, opts: ExtractOptions, device: torch.device):
-        self.opts, self.device = opts, device
+    A group goes as soon as it holds ``BATCH_BYTES`` (so factorization overlaps the reads still running on the
+    reader thread), and every group goes when all pending matrices reach ``max_bytes`` (the memory budget).
+    Every matrix draws its own seed from its name and the factorization of one matrix never depends on which
+    others share its batch, so the budget changes only speed and memory, never the result.
+    """
+
+    BATCH_BYTES = 64 << 20
+
+    def __init__(self, opts: ExtractOptions, device: torch.device, max_bytes: int):
+        self.opts, self.device, self.max_bytes = opts, device, max_bytes
         self.pending: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
-        self.pending_bytes = 0
-        self.done: dict[str, Any] = {}
+        self.group_bytes: dict[tuple[int, int], int] = {}
+        self.done: dict[str, Factor] = {}
+        self.batches = 0
+        self.seconds = 0.0
 
     def add(self, name: str, matrix: torch.Tensor) -> None:
-        self.pending.setdefault(tuple(matrix.shape), []).append((name, matrix))
-        self.pending_bytes += matrix.numel() * 4
-        if self.pending_bytes >= self.opts.max_group_bytes:
-            self._flush()
+        shape = (matrix.shape[0], matrix.shape[1])
+        self.pending.setdefault(shape, []).append((name, matrix))
+        self.group_bytes[shape] = self.group_bytes.get(shape, 0) + matrix.numel() * matrix.element_size()
+        if sum(self.group_bytes.values()) >= self.max_bytes:
+            for key in list(self.pending):
+                self._run(key)
+        elif self.group_bytes[shape] >= min(self.BATCH_BYTES, self.max_bytes):
+            self._run(shape)
 
-    def finish(self) -> dict[str, Any]:
-        self._flush()
+    def finish(self) -> dict[str, Factor]:
+        for key in list(self.pending):
+            self._run(key)
+        logger.info("factorized %d matrices in %d batches", len(self.done), self.batches)
         return self.done
 
-    def _flush(self) -> None:
-        o = self.opts
-        for group in self.pending.values():
-            batch = torch.stack([m for _, m in group]).to(self.device)  # (b, m, n)
-            seeds = [matrix_seed(o.seed, name) for name, _ in group]
-            factors = factorize(batch, o.rank, seeds, o.svd, o.niter, o.oversample, DTYPES[o.factor_dtype])
-            self.done.update({name: f for (name, _), f in zip(group, factors, strict=True)})
-        self.pending.clear()
-        self.pending_bytes = 0
+    def _run(self, shape: tuple[int, int]) -> None:
+        o, t0 = self.opts, time.perf_counter()
+        group = self.pending.pop(shape)
+        del self.group_bytes[shape]
+        names, mats = [n for n, _ in group], [m for _, m in group]
+        del group
+        seeds = [matrix_seed(o.seed, n) for n in names]
+        factors = factorize(mats, o.rank, seeds, o.svd, o.niter, o.oversample, DTYPES[o.factor_dtype])
+        self.done.update(zip(names, factors, strict=True))
+        self.batches += 1
+        self.seconds += time.perf_counter() - t0
 
 
 def _meta(
@@ -253,6 +311,7 @@ def _meta(
         "seed": opts.seed,
         "niter": opts.niter,
         "oversample": opts.oversample,
+        "max_memory": opts.max_memory,
         "device": device.type,
         "factor_dtype": opts.factor_dtype,
         "storage_dtype": max(set(dtypes), key=dtypes.count) if dtypes else None,

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 SVD_METHODS = ("randomized", "exact")
 SHARE_TOL = 1e-6  # an energy share within this of the rule counts as reached (float32 round-off)
@@ -60,30 +61,50 @@ def _orth(y: torch.Tensor) -> torch.Tensor:
     return q
 
 
+def _xt_mt(xt: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """``Xᵀ Mᵀ`` for ``xt (b, k, n)``, ``mats (b, m, n)`` → ``(b, k, m)``; a batch of one runs as ``F.linear``
+    (the CPU's fast kernel for this layout, in every dtype)."""
+    if mats.shape[0] == 1:
+        return F.linear(xt[0], mats[0])[None]
+    return xt @ mats.transpose(1, 2)
+
+
+def _qt_m(qt: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
+    """``Qᵀ M`` for ``qt (b, k, m)``, ``mats (b, m, n)`` → ``(b, k, n)``."""
+    if mats.shape[0] == 1:
+        return torch.mm(qt[0], mats[0])[None]
+    return qt @ mats
+
+
 def randomized_svd(
-    mats: torch.Tensor, k: int, seeds: Sequence[int], niter: int = 2
+    mats: torch.Tensor, k: int, seeds: Sequence[int], niter: int = 2, compute_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k singular triplets of each matrix of a batch ``(b, m, n)`` by randomized subspace iteration.
 
-    Returns ``U (b, m, k)``, ``S (b, k)``, ``Vh (b, k, n)`` in float32. Matmuls run in ``mats.dtype``.
+    ``Q = orth(M Ω)``, then ``niter`` times ``Q = orth(M orth(Mᵀ Q))``, then the SVD of the small ``Qᵀ M``
+    (Halko, Martinsson & Tropp 2011, Alg. 4.4). Sketches are kept k-major (``(b, k, ·)``) so both products read
+    ``M`` row by row, the fast layout on CPU BLAS. Returns ``U (b, m, k)``, ``S (b, k)``, ``Vh (b, k, n)`` in
+    float32. The sketching products run in ``compute_dtype`` (default ``mats.dtype``; half types accumulate in
+    float32); the final ``Qᵀ M``, which gives the singular values, runs in ``mats.dtype``.
     """
     n = mats.shape[2]
-    omega = torch.stack(
-        [torch.randn(n, k, generator=torch.Generator().manual_seed(s)) for s in seeds]
-    )  # (b, n, k) drawn on CPU so every device sees the same numbers
-    omega = omega.to(device=mats.device, dtype=mats.dtype)
-    q = _orth(mats @ omega)  # (b, m, k)
-    mats_t = mats.transpose(1, 2)  # (b, n, m)
+    omega_t = torch.stack(
+        [torch.randn(k, n, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )  # (b, k, n) Ωᵀ, drawn on CPU so every device sees the same numbers
+    dt = compute_dtype or mats.dtype
+    low = mats if dt == mats.dtype else mats.to(dt)
+    q = _orth(_xt_mt(omega_t.to(mats.device, dt), low).transpose(1, 2))  # (b, m, k) from (M Ω)ᵀ = Ωᵀ Mᵀ
     for _ in range(niter):
-        z = _orth(mats_t @ q.to(mats.dtype))  # (b, n, k)
-        q = _orth(mats @ z.to(mats.dtype))  # (b, m, k)
-    small = q.transpose(1, 2).to(mats.dtype) @ mats  # (b, k, n)
+        z = _orth(_qt_m(q.transpose(1, 2).to(dt), low).transpose(1, 2))  # (b, n, k) from (Mᵀ Q)ᵀ = Qᵀ M
+        q = _orth(_xt_mt(z.transpose(1, 2).to(dt), low).transpose(1, 2))  # (b, m, k) from (M Z)ᵀ = Zᵀ Mᵀ
+    del low
+    small = _qt_m(q.transpose(1, 2).to(mats.dtype), mats)  # (b, k, n) Qᵀ M
     u_small, s, vh = torch.linalg.svd(small.float(), full_matrices=False)  # (b,k,k), (b,k), (b,k,n)
     return q @ u_small, s, vh
 
 
 def factorize(
-    mats: torch.Tensor,
+    mats: Sequence[torch.Tensor],
     rule: int | float,
     seeds: Sequence[int],
     method: str = "randomized",
@@ -91,16 +112,42 @@ def factorize(
     oversample: int = 8,
     compute_dtype: torch.dtype = torch.float32,
 ) -> list[Factor]:
-    """Factorize each matrix of a batch ``(b, m, n)`` (float32, any device) to the rank the rule gives.
+    """Factorize same-shape matrices ``(m, n)`` (float32, any device; a list or a ``(b, m, n)`` batch).
 
     Returns one :class:`Factor` per matrix (factors on CPU, float32). A matrix with no drift gets rank 0 (the
     caller leaves it out). The energy is measured against ``‖M‖_F²`` of the float32 input.
+
+    On CUDA the matrices run as one batch. On the CPU each runs as its own batch of one: CPU BLAS picks other
+    kernels for other batch sizes, and one matrix at a time keeps every result independent of the grouping
+    (byte for byte) at the same speed.
     """
     if method not in SVD_METHODS:
         raise ValueError(f"unknown factorization method {method!r}")
+    if len(mats) != len(seeds):
+        raise ValueError(f"got {len(mats)} matrices for {len(seeds)} seeds")
+    if not len(mats):
+        return []
+    if mats[0].device.type == "cpu":
+        return [
+            _factorize_batch(m[None], rule, [s], method, niter, oversample, compute_dtype)[0]
+            for m, s in zip(mats, seeds, strict=True)
+        ]
+    batch = mats if isinstance(mats, torch.Tensor) else torch.stack(list(mats))  # (b, m, n)
+    return _factorize_batch(batch, rule, seeds, method, niter, oversample, compute_dtype)
+
+
+def _factorize_batch(
+    mats: torch.Tensor,
+    rule: int | float,
+    seeds: Sequence[int],
+    method: str,
+    niter: int,
+    oversample: int,
+    compute_dtype: torch.dtype,
+) -> list[Factor]:
     b, m, n = mats.shape
     full = min(m, n)
-    totals = torch.linalg.vector_norm(mats.reshape(b, -1), dim=1, dtype=torch.float64).pow(2).tolist()
+    totals = [float(x) ** 2 for x in torch.linalg.vector_norm(mats.reshape(b, -1), dim=1)]  # ‖M‖_F² each
     k_want = full if isinstance(rule, float) else min(rule, full)
     if isinstance(rule, float) and method == "randomized":
         k_want = min(8, full)  # grown below until the energy share is reached
@@ -110,7 +157,7 @@ def factorize(
             u, s, vh = torch.linalg.svd(mats.float(), full_matrices=False)
             exact = True
         else:
-            u, s, vh = randomized_svd(mats.to(compute_dtype), k, seeds, niter)
+            u, s, vh = randomized_svd(mats, k, seeds, niter, compute_dtype)
             u, s, vh = u[..., :k_want], s[..., :k_want], vh[..., :k_want, :]
             exact = False
         sq = s.double().pow(2)  # (b, k)

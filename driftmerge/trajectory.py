@@ -40,8 +40,10 @@ class TensorFit:
 class LineAccumulator:
     """Accumulate the deltas of one tensor, checkpoint by checkpoint, then fit the drift.
 
-    Memory: two float32 buffers of the tensor's size (``Σ t_i D_i`` and ``Σ D_i``), plus the last delta for
-    ``endpoint`` or all deltas for ``pca`` (the Gram trick needs every pair).
+    Memory: one float32 buffer of the tensor's size (``Σ t_i D_i``, kept as ``Σ (t_i / t_1) D_i``), a second
+    (``Σ D_i``) when R² is defined (two or more checkpoints), and all deltas for ``pca`` (the Gram trick needs
+    every pair). The accumulator takes ownership of the deltas it is given and may update them in place.
+    Norms are float32 reductions (pairwise summation), read out as Python floats.
     """
 
     def __init__(self, t: Sequence[float], fit: str = "lsq"):
@@ -51,58 +53,73 @@ class LineAccumulator:
             raise ValueError("relative steps must be positive")
         self.t = [float(x) for x in t]
         self.fit = fit
-        self._sum_td: torch.Tensor | None = None  # Σ t_i D_i, float32
-        self._sum_d: torch.Tensor | None = None  # Σ D_i, float32
-        self._sum_sq = 0.0  # Σ ‖D_i‖², float64
+        self._sum_td: torch.Tensor | None = None  # Σ (t_i / t_1) D_i, float32
+        self._sum_d: torch.Tensor | None = None  # Σ D_i, float32 (only when R² is defined)
+        self._sum_sq = 0.0  # Σ ‖D_i‖²
         self._sq: list[float] = []
         self._kept: list[torch.Tensor] = []  # deltas kept for pca / endpoint
 
-    def add(self, delta: torch.Tensor) -> None:
-        """Add the next checkpoint's delta ``D_i`` (float32), in step order."""
+    def add(self, delta: torch.Tensor) -> float:
+        """Add the next checkpoint's delta ``D_i`` (float32), in step order; the accumulator owns it now.
+
+        Returns ``‖D_i‖²`` (NaN or Inf when the delta holds such values).
+        """
         i = len(self._sq)
         if i >= len(self.t):
             raise ValueError("more deltas than steps")
-        if self._sum_td is None:
-            self._sum_td = delta * self.t[i]
-            self._sum_d = delta.clone()
-        else:
-            self._sum_td.add_(delta, alpha=self.t[i])
-            self._sum_d.add_(delta)  # type: ignore[union-attr]
-        sq = float(torch.linalg.vector_norm(delta, dtype=torch.float64) ** 2)
-        self._sq.append(sq)
-        self._sum_sq += sq
         if self.fit == "pca":
             self._kept.append(delta)
         elif self.fit == "endpoint":
             self._kept = [delta]
+        if self._sum_td is None:
+            self._sum_td = delta.clone() if self.fit != "lsq" else delta  # (t_1 / t_1) D_1, no pass
+            if len(self.t) > 1:
+                self._sum_d = delta.clone()
+        else:
+            self._sum_td.add_(delta, alpha=self.t[i] / self.t[0])
+            self._sum_d.add_(delta)  # type: ignore[union-attr]
+        sq = _sq_norm(delta)
+        self._sq.append(sq)
+        self._sum_sq += sq
+        return sq
 
     def finish(self) -> TensorFit:
         if len(self._sq) != len(self.t):
             raise ValueError(f"got {len(self._sq)} deltas for {len(self.t)} steps")
-        assert self._sum_td is not None and self._sum_d is not None
+        assert self._sum_td is not None
+        r2 = self._r2()  # before the lsq drift below rescales Σ (t_i / t_1) D_i in place
         t_ref = self.t[-1]
         if self.fit == "lsq":
-            drift = self._sum_td * (t_ref / sum(x * x for x in self.t))
+            factor = self.t[0] * t_ref / sum(x * x for x in self.t)  # D = t_ref Σ t_i D_i / Σ t_i²
+            drift = self._sum_td if factor == 1.0 else self._sum_td.mul_(factor)
         elif self.fit == "endpoint":
             drift = self._kept[0]
         else:
             drift = pca_drift(torch.stack(self._kept), self.t)
-        return TensorFit(drift=drift, r2=self._r2(), delta_sq_norms=list(self._sq))
+        return TensorFit(drift=drift, r2=r2, delta_sq_norms=list(self._sq))
 
     def _r2(self) -> float | None:
         n = len(self.t) + 1  # the base is a point (t = 0, y = 0)
-        if n < 3:
+        if n < 3 or self._sum_d is None or self._sum_td is None:
             return None
         t_bar = sum(self.t) / n
         s_tt = sum(x * x for x in self.t) - n * t_bar * t_bar
-        sum_d_sq = float(torch.linalg.vector_norm(self._sum_d, dtype=torch.float64) ** 2)
+        sum_d_sq = _sq_norm(self._sum_d)
         ss_tot = self._sum_sq - sum_d_sq / n
-        s_ty = self._sum_td - t_bar * self._sum_d  # per element S_ty   # type: ignore[operator]
-        explained = float(torch.linalg.vector_norm(s_ty, dtype=torch.float64) ** 2) / s_tt
         if ss_tot <= 0.0:
             return None
+        s_ty = torch.add(self._sum_td * self.t[0], self._sum_d, alpha=-t_bar)  # per element S_ty
+        explained = _sq_norm(s_ty) / s_tt
         ss_res = max(ss_tot - explained, 0.0)
         return 1.0 - ss_res / ss_tot
+
+
+def _sq_norm(x: torch.Tensor) -> float:
+    """``‖x‖²`` from a float32 reduction; float64 only when float32 overflows on finite values."""
+    sq = float(torch.linalg.vector_norm(x)) ** 2
+    if sq == float("inf") and bool(torch.isfinite(x).all()):
+        sq = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
+    return sq
 
 
 def pca_drift(deltas: torch.Tensor, t: Sequence[float]) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import shutil
 
 import pytest
@@ -134,14 +136,20 @@ def test_same_inputs_and_seed_give_identical_bytes(runs, tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes(), f
 
 
-def test_grouping_does_not_change_the_drift(runs, tmp_path):
+def test_memory_budget_and_grouping_do_not_change_a_byte(runs, tmp_path, monkeypatch, caplog):
     run = runs["llama"]
-    for name, group in (("a", 1 << 30), ("b", 1)):  # one batch per shape vs one matrix at a time
-        extract(run.base, run.checkpoints, tmp_path / name, ExtractOptions(rank=2, max_group_bytes=group))
-    a, b = read_adapter(tmp_path / "a"), read_adapter(tmp_path / "b")
-    assert set(a.modules) == set(b.modules)
-    for path, mod in a.modules.items():  # batched and single matmuls may round differently
-        torch.testing.assert_close(mod.delta(), b.modules[path].delta(), rtol=1e-4, atol=1e-7, msg=path)
+    caplog.set_level(logging.INFO, logger="driftmerge")
+    # a big budget: one batch per shape; a 1-byte one: no read-ahead, and every matrix factorized on its own
+    monkeypatch.setattr("driftmerge.extract.MIN_MEMORY", 1)
+    for name, budget in (("a", 8 << 30), ("b", 1)):
+        caplog.clear()
+        res = extract(run.base, run.checkpoints, tmp_path / name, ExtractOptions(rank=2, max_memory=budget))
+        assert res.meta["max_memory"] == budget
+        batches = int(re.search(r"in (\d+) batches", caplog.text).group(1))
+        shapes = {tuple(r["shape"]) for r in res.meta["tensors"].values() if r["stored"] == "lora"}
+        assert batches == (len(shapes) if name == "a" else res.summary["lora_tensors"])
+    for f in ("adapter_model.safetensors", "drift_extras.safetensors"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
 def test_include_exclude(runs, tmp_path):

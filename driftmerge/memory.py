@@ -1,0 +1,49 @@
+"""Sizes on the command line, and the process allocator setting that keeps large tensor buffers reusable.
+
+glibc returns every freed block above its mmap threshold (at most 32 MiB) to the kernel, so each new large
+tensor costs fresh page faults: for a stream of same-size tensors that is most of the time spent. Raising the
+threshold keeps freed buffers in the heap for the next tensor; peak RSS stays the peak of live tensors.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import re
+
+from driftmerge.errors import InputError
+
+logger = logging.getLogger("driftmerge")
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def parse_size(text: str | int, flag: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB`` or a byte count → bytes; ``flag`` names the option in the error."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m:
+        raise InputError(f"{flag}: not a size like 5GB or 500MB: {text!r}")
+    unit = m.group(2).rstrip("B") or ""
+    power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "KI": 1, "MI": 2, "GI": 3, "TI": 4}[unit]
+    base = 1024 if unit.endswith("I") else 1000
+    return int(float(m.group(1)) * base**power)
+
+
+def keep_freed_buffers(limit: int = 1 << 30) -> bool:
+    """Ask glibc to keep freed blocks up to ``limit`` bytes for reuse (process-wide; the CLI calls it once).
+
+    Returns False, changing nothing, where the C library is not glibc.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    ok = mallopt(_M_MMAP_THRESHOLD, limit) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 * limit) == 1
+    logger.info("allocator: freed blocks up to %d MiB kept for reuse: %s", limit >> 20, ok)
+    return ok
