@@ -38,6 +38,7 @@ logger = logging.getLogger("driftmerge")
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 MIN_MEMORY = 64 << 20
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FACTOR_DTYPES = ("auto", *DTYPES)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class ExtractOptions:
     rank: int | float = 1  # int: fixed rank; float in (0, 1]: energy share to keep
     svd: str = "randomized"  # randomized | exact
     device: str = "auto"  # auto | cpu | cuda[:i] — where the factorization runs
-    factor_dtype: str = "float32"  # matmul dtype of the randomized factorization
+    factor_dtype: str = "auto"  # sketching matmuls: auto = bfloat16 where the device multiplies it natively
     include: str | None = None  # regex: only tensors whose name matches (re.search)
     exclude: str | None = None  # regex: leave out tensors whose name matches
     seed: int = 0  # seeds the randomized factorization
@@ -61,8 +62,8 @@ class ExtractOptions:
             raise InputError(f"--fit must be one of {', '.join(FITS)}, got {self.fit!r}")
         if self.svd not in SVD_METHODS:
             raise InputError(f"--svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
-        if self.factor_dtype not in DTYPES:
-            raise InputError(f"--factor-dtype must be one of {', '.join(DTYPES)}, got {self.factor_dtype!r}")
+        if self.factor_dtype not in FACTOR_DTYPES:
+            raise InputError(f"--factor-dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
         if isinstance(self.rank, bool) or not isinstance(self.rank, (int, float)):
             raise InputError(f"--rank must be a positive integer or a share in (0, 1], got {self.rank!r}")
         if isinstance(self.rank, int) and self.rank < 1:
@@ -98,6 +99,26 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def resolve_factor_dtype(name: str, device: torch.device) -> str:
+    """``auto`` → ``bfloat16`` where the device multiplies bfloat16 natively (CUDA compute capability 8+, or a CPU
+    with AVX512-BF16 / AMX), else ``float32``. The sketches accumulate in float32 either way, and the singular
+    values and the kept energy always come from a float32 product (``lowrank.randomized_svd``)."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
+    return "bfloat16" if device.type == "cpu" and _cpu_has_bf16() else "float32"
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:  # not Linux: stay with float32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def extract(
     base: str | Path,
     checkpoints: Sequence[str | Path],
@@ -113,6 +134,7 @@ def extract(
     if not checkpoints:
         raise InputError("give at least one checkpoint after the base")
     device = resolve_device(opts.device)
+    factor_dtype = resolve_factor_dtype(opts.factor_dtype, device)
     base_ck = Checkpoint(base)
     cks = [Checkpoint(p) for p in checkpoints]
     steps, order, source = resolve_steps([c.path for c in cks], opts.steps, opts.base_step)
@@ -130,7 +152,7 @@ def extract(
     records: dict[str, dict[str, Any]] = {}
     extras: dict[str, torch.Tensor] = {}
     read_ahead = min(opts.max_memory // 4, 1 << 30)
-    factorizer = _GroupFactorizer(opts, device, opts.max_memory - read_ahead)
+    factorizer = _GroupFactorizer(opts, DTYPES[factor_dtype], opts.max_memory - read_ahead)
     ckpt_sq = [0.0] * len(cks)
     pin = device.type == "cuda"
 
@@ -191,6 +213,7 @@ def extract(
         raise InputError("the checkpoints do not move any fitted tensor away from the base")
 
     meta = _meta(base_ck, cks, steps, source, opts, device, arch, records, command)
+    meta["factor_dtype"] = factor_dtype if opts.svd == "randomized" else None
     summary = _summary(records, base_ck, cks)
     meta["summary"] = summary
     config = peft_config(modules, str(base_ck.path.absolute()), arch.fan_in_fan_out)
@@ -243,8 +266,8 @@ class _GroupFactorizer:
 
     BATCH_BYTES = 64 << 20
 
-    def __init__(self, opts: ExtractOptions, device: torch.device, max_bytes: int):
-        self.opts, self.device, self.max_bytes = opts, device, max_bytes
+    def __init__(self, opts: ExtractOptions, compute_dtype: torch.dtype, max_bytes: int):
+        self.opts, self.compute_dtype, self.max_bytes = opts, compute_dtype, max_bytes
         self.pending: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
         self.group_bytes: dict[tuple[int, int], int] = {}
         self.done: dict[str, Factor] = {}
@@ -264,7 +287,11 @@ class _GroupFactorizer:
     def finish(self) -> dict[str, Factor]:
         for key in list(self.pending):
             self._run(key)
-        logger.info("factorized %d matrices in %d batches", len(self.done), self.batches)
+        its = [f.iterations for f in self.done.values()]
+        logger.info(
+            "factorized %d matrices in %d batches; power iterations %d to %d",
+            len(self.done), self.batches, min(its, default=0), max(its, default=0),
+        )  # fmt: skip
         return self.done
 
     def _run(self, shape: tuple[int, int]) -> None:
@@ -274,7 +301,7 @@ class _GroupFactorizer:
         names, mats = [n for n, _ in group], [m for _, m in group]
         del group
         seeds = [matrix_seed(o.seed, n) for n in names]
-        factors = factorize(mats, o.rank, seeds, o.svd, o.niter, o.oversample, DTYPES[o.factor_dtype])
+        factors = factorize(mats, o.rank, seeds, o.svd, o.niter, o.oversample, self.compute_dtype)
         self.done.update(zip(names, factors, strict=True))
         self.batches += 1
         self.seconds += time.perf_counter() - t0

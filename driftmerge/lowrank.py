@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 SVD_METHODS = ("randomized", "exact")
+ITER_TOL = 1e-5  # power iterations go on while a tracked σ_j² still moves by more than this share of ‖M‖_F²
+MAX_EXTRA_ITERS = 10  # power iterations beyond the minimum, at most
 SHARE_TOL = 1e-6  # an energy share within this of the rule counts as reached (float32 round-off)
 ZERO_SHARE = 1e-12  # singular directions holding less than this share of ‖M‖_F² are round-off
 
@@ -31,6 +33,7 @@ class Factor:
     B: torch.Tensor  # (m, r) float32 on CPU
     A: torch.Tensor  # (r, n) float32 on CPU
     energy: float  # share of ‖M‖_F² kept by B A
+    iterations: int = 0  # power iterations the randomized factorization took (0 for exact)
 
     @property
     def rank(self) -> int:
@@ -77,30 +80,62 @@ def _qt_m(qt: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
 
 
 def randomized_svd(
-    mats: torch.Tensor, k: int, seeds: Sequence[int], niter: int = 2, compute_dtype: torch.dtype | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mats: torch.Tensor,
+    k: int,
+    seeds: Sequence[int],
+    niter: int = 2,
+    compute_dtype: torch.dtype | None = None,
+    track: int | None = None,
+    tol: float = ITER_TOL,
+    max_extra: int = MAX_EXTRA_ITERS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Top-k singular triplets of each matrix of a batch ``(b, m, n)`` by randomized subspace iteration.
 
-    ``Q = orth(M Ω)``, then ``niter`` times ``Q = orth(M orth(Mᵀ Q))``, then the SVD of the small ``Qᵀ M``
-    (Halko, Martinsson & Tropp 2011, Alg. 4.4). Sketches are kept k-major (``(b, k, ·)``) so both products read
-    ``M`` row by row, the fast layout on CPU BLAS. Returns ``U (b, m, k)``, ``S (b, k)``, ``Vh (b, k, n)`` in
-    float32. The sketching products run in ``compute_dtype`` (default ``mats.dtype``; half types accumulate in
-    float32); the final ``Qᵀ M``, which gives the singular values, runs in ``mats.dtype``.
+    ``Q = orth(M Ω)``, then power iterations ``Q = orth(M orth((Qᵀ M)ᵀ))`` (Halko, Martinsson & Tropp 2011,
+    Alg. 4.4), then the SVD of the small ``Qᵀ M``. The singular values of each ``Qᵀ M`` (Ritz values) rise towards
+    the true ones; after ``niter`` iterations a matrix stops as soon as its first ``track`` squared Ritz values
+    moved by at most ``tol · ‖M‖_F²`` in one iteration, and in any case after ``niter + max_extra``. A matrix with
+    a clear gap (an RLVR drift) stops at ``niter``; a flat spectrum takes more iterations instead of a worse answer.
+    Converged matrices are frozen, so each matrix's result is the same whatever its batch holds.
+
+    Sketches are kept k-major (``(b, k, ·)``) so both products read ``M`` row by row, the fast layout on CPU BLAS.
+    The sketching products run in ``compute_dtype`` (default ``mats.dtype``; half types accumulate in float32);
+    every ``Qᵀ M`` from iteration ``niter - 1`` on — those whose singular values are compared or reported — runs in
+    ``mats.dtype``.
+    Returns ``U (b, m, k)``, ``S (b, k)``, ``Vh (b, k, n)`` in float32 and the iterations each matrix took.
     """
-    n = mats.shape[2]
+    b, _, n = mats.shape
+    track = min(track or k, k)
     omega_t = torch.stack(
         [torch.randn(k, n, generator=torch.Generator().manual_seed(s)) for s in seeds]
     )  # (b, k, n) Ωᵀ, drawn on CPU so every device sees the same numbers
     dt = compute_dtype or mats.dtype
     low = mats if dt == mats.dtype else mats.to(dt)
+    totals = torch.linalg.vector_norm(mats.reshape(b, -1), dim=1).pow(2)  # (b,) ‖M‖_F²
     q = _orth(_xt_mt(omega_t.to(mats.device, dt), low).transpose(1, 2))  # (b, m, k) from (M Ω)ᵀ = Ωᵀ Mᵀ
-    for _ in range(niter):
-        z = _orth(_qt_m(q.transpose(1, 2).to(dt), low).transpose(1, 2))  # (b, n, k) from (Mᵀ Q)ᵀ = Qᵀ M
-        q = _orth(_xt_mt(z.transpose(1, 2).to(dt), low).transpose(1, 2))  # (b, m, k) from (M Z)ᵀ = Zᵀ Mᵀ
+    active = torch.ones(b, dtype=torch.bool, device=mats.device)
+    iters = torch.zeros(b, dtype=torch.int64, device=mats.device)
+    prev: torch.Tensor | None = None
+    best: torch.Tensor | None = None
+    for it in range(niter + max_extra + 1):
+        full = it >= niter - 1  # from here on Qᵀ M is compared or reported: compute it in the input's precision
+        small = _qt_m(q.transpose(1, 2).to(mats.dtype if full else dt), mats if full else low)  # (b, k, n) Qᵀ M
+        sq = torch.linalg.svdvals(small.float()).pow(2)[:, :track]  # (b, track) squared Ritz values
+        if it >= niter:
+            best = small if best is None else torch.where(active[:, None, None], small, best)
+            if prev is not None:
+                active &= (sq - prev).abs().amax(dim=1) > tol * totals  # still moving
+            if it == niter + max_extra or not bool(active.any()):
+                break
+        prev = sq
+        iters += active
+        z = _orth(small.transpose(1, 2))  # (b, n, k)
+        q_next = _orth(_xt_mt(z.transpose(1, 2).to(dt), low).transpose(1, 2))  # (b, m, k) from (M Z)ᵀ = Zᵀ Mᵀ
+        q = torch.where(active[:, None, None], q_next, q)
     del low
-    small = _qt_m(q.transpose(1, 2).to(mats.dtype), mats)  # (b, k, n) Qᵀ M
-    u_small, s, vh = torch.linalg.svd(small.float(), full_matrices=False)  # (b,k,k), (b,k), (b,k,n)
-    return q @ u_small, s, vh
+    assert best is not None
+    u_small, s, vh = torch.linalg.svd(best.float(), full_matrices=False)  # (b,k,k), (b,k), (b,k,n)
+    return q @ u_small, s, vh, iters.tolist()
 
 
 def factorize(
@@ -155,9 +190,10 @@ def _factorize_batch(
         k = k_want + oversample
         if method == "exact" or k >= full:
             u, s, vh = torch.linalg.svd(mats.float(), full_matrices=False)
+            iters = [0] * b
             exact = True
         else:
-            u, s, vh = randomized_svd(mats, k, seeds, niter, compute_dtype)
+            u, s, vh, iters = randomized_svd(mats, k, seeds, niter, compute_dtype, track=k_want)
             u, s, vh = u[..., :k_want], s[..., :k_want], vh[..., :k_want, :]
             exact = False
         sq = s.double().pow(2)  # (b, k)
@@ -176,5 +212,5 @@ def _factorize_batch(
         B = (u[i, :, :r] * root).float().cpu()  # (m, r)
         A = (root[:, None] * vh[i, :r, :]).float().cpu()  # (r, n)
         kept = float(sq[i, :r].sum()) / totals[i] if totals[i] > 0 else 0.0
-        out.append(Factor(B=B.contiguous(), A=A.contiguous(), energy=min(kept, 1.0)))
+        out.append(Factor(B=B.contiguous(), A=A.contiguous(), energy=min(kept, 1.0), iterations=iters[i]))
     return out
