@@ -182,8 +182,8 @@ def extract(
                 rec.update(stored="zero", rank=None, energy=None)
             elif kind is not None:
                 rec.update(stored="lora", module=arch.modules[name])
-                matrix = fit.drift.T if kind in ("embedding", "conv1d") else fit.drift  # (out, in) as PEFT's B A
-                factorizer.add(name, matrix)
+                # PEFT's B A is (out, in): the weight itself for Linear, its transpose for Embedding / Conv1D
+                factorizer.add(name, fit.drift, transposed=kind in ("embedding", "conv1d"))
             else:
                 rec.update(stored="extras", rank=None, energy=1.0)
                 extras[name] = fit.drift.cpu()
@@ -271,10 +271,14 @@ class _GroupFactorizer:
         self.pending: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
         self.group_bytes: dict[tuple[int, int], int] = {}
         self.done: dict[str, Factor] = {}
+        self.transposed: set[str] = set()
         self.batches = 0
         self.seconds = 0.0
 
-    def add(self, name: str, matrix: torch.Tensor) -> None:
+    def add(self, name: str, matrix: torch.Tensor, transposed: bool = False) -> None:
+        """Queue ``matrix`` (contiguous); ``transposed``: the factors wanted are those of ``matrixᵀ``."""
+        if transposed:
+            self.transposed.add(name)
         shape = (matrix.shape[0], matrix.shape[1])
         self.pending.setdefault(shape, []).append((name, matrix))
         self.group_bytes[shape] = self.group_bytes.get(shape, 0) + matrix.numel() * matrix.element_size()
@@ -302,7 +306,10 @@ class _GroupFactorizer:
         del group
         seeds = [matrix_seed(o.seed, n) for n in names]
         factors = factorize(mats, o.rank, seeds, o.svd, o.niter, o.oversample, self.compute_dtype)
-        self.done.update(zip(names, factors, strict=True))
+        for name, f in zip(names, factors, strict=True):
+            if name in self.transposed:  # M = B A, so Mᵀ = Aᵀ Bᵀ: factorized in the stored (fast) layout
+                f = Factor(B=f.A.T.contiguous(), A=f.B.T.contiguous(), energy=f.energy, iterations=f.iterations)
+            self.done[name] = f
         self.batches += 1
         self.seconds += time.perf_counter() - t0
 
