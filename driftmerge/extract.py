@@ -15,7 +15,7 @@ import math
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,43 +154,28 @@ def extract(
     read_ahead = min(opts.max_memory // 4, 1 << 30)
     factorizer = _GroupFactorizer(opts, DTYPES[factor_dtype], opts.max_memory - read_ahead)
     ckpt_sq = [0.0] * len(cks)
-    pin = device.type == "cuda"
 
-    # safetensors hands out views of a file map, read from disk on first touch: the reader thread copies the
-    # bytes out (into float32 on the CPU, pinned as stored for CUDA), so disk reads and conversion overlap compute
-    def load(name: str) -> list[torch.Tensor]:
-        ts = [base_ck.get(name), *(ck.get(name) for ck in cks)]
-        return [x.pin_memory() if pin else x.to(torch.float32, copy=True) for x in ts]
-
-    def size_of(name: str) -> int:
-        info = base_ck.infos[name]
-        return info.numel * (info.dtype.itemsize if pin else 4) * (1 + len(cks))
-
-    t_start = time.perf_counter()
-    with Prefetcher(names, load, size_of, read_ahead) as reader:
-        for done, (name, raw) in enumerate(reader, 1):
-            fit = _fit_tensor(name, raw, [base_ck, *cks], t, opts.fit, device)
-            del raw
-            for j, sq in enumerate(fit.delta_sq_norms):
-                ckpt_sq[j] += sq
-            norm = float(torch.linalg.vector_norm(fit.drift))
-            kind = arch.kinds.get(name)
-            rec = {"shape": list(base_ck.infos[name].shape), "kind": kind or "other", "drift_norm": norm}
-            rec["r2"] = fit.r2
-            records[name] = rec
-            if norm == 0.0:
-                rec.update(stored="zero", rank=None, energy=None)
-            elif kind is not None:
-                rec.update(stored="lora", module=arch.modules[name])
-                # PEFT's B A is (out, in): the weight itself for Linear, its transpose for Embedding / Conv1D
-                factorizer.add(name, fit.drift, transposed=kind in ("embedding", "conv1d"))
-            else:
-                rec.update(stored="extras", rank=None, energy=1.0)
-                extras[name] = fit.drift.cpu()
-            del fit
-            if progress:
-                progress(done, len(names), name)
-        waited = reader.waited
+    t_start, stats = time.perf_counter(), {"waited": 0.0}
+    for done, (name, fit) in enumerate(_stream_fits(names, [base_ck, *cks], t, opts.fit, device, read_ahead, stats), 1):
+        for j, sq in enumerate(fit.delta_sq_norms):
+            ckpt_sq[j] += sq
+        norm = float(torch.linalg.vector_norm(fit.drift))
+        kind = arch.kinds.get(name)
+        rec = {"shape": list(base_ck.infos[name].shape), "kind": kind or "other", "drift_norm": norm, "r2": fit.r2}
+        records[name] = rec
+        if norm == 0.0:
+            rec.update(stored="zero", rank=None, energy=None)
+        elif kind is not None:
+            rec.update(stored="lora", module=arch.modules[name])
+            # PEFT's B A is (out, in): the weight itself for Linear, its transpose for Embedding / Conv1D
+            factorizer.add(name, fit.drift, transposed=kind in ("embedding", "conv1d"))
+        else:
+            rec.update(stored="extras", rank=None, energy=1.0)
+            extras[name] = fit.drift.cpu()
+        del fit
+        if progress:
+            progress(done, len(names), name)
+    waited = stats["waited"]
     t_pass = time.perf_counter()
     factors = factorizer.finish()
     logger.info(
@@ -223,22 +208,53 @@ def extract(
     return ExtractResult(out_dir=out_dir, meta=meta, summary=summary)
 
 
-def _fit_tensor(
-    name: str, raw: list[torch.Tensor], sources: list[Checkpoint], t: list[int], fit: str, device: torch.device
-) -> TensorFit:
-    """Fit one tensor from ``raw``: the base's copy then each checkpoint's, on the CPU, owned by the caller (so
-    float32 ones are updated in place) and maybe pinned."""
-    w0 = raw[0].to(device=device, dtype=torch.float32, non_blocking=True)  # (shape) base, float32
-    acc = LineAccumulator(t, fit)
-    for x in raw[1:]:
-        delta = x.to(device=device, dtype=torch.float32, non_blocking=True).sub_(w0)  # D_i, in x's buffer on CPU
-        sq = acc.add(delta)
-        if not math.isfinite(sq):  # NaN or Inf in the base or this checkpoint (a NaN propagates into ‖D_i‖²)
-            for src, y in zip(sources, raw, strict=True):
-                if not torch.isfinite(y).all():
-                    raise InputError(f"{src.path}: tensor {name} holds NaN or Inf values")
-            raise InputError(f"tensor {name}: values too large to fit in float32")
-    return acc.finish()
+def _stream_fits(
+    names: list[str],
+    sources: list[Checkpoint],
+    t: list[int],
+    fit: str,
+    device: torch.device,
+    read_ahead: int,
+    stats: dict[str, float],
+) -> Iterator[tuple[str, TensorFit]]:
+    """Yield ``(name, fit)`` per tensor name; ``sources`` is the base, then the checkpoints in step order.
+
+    A reader thread loads single tensors — name by name, the base's copy then each checkpoint's — up to
+    ``read_ahead`` bytes ahead. safetensors hands out views of a file map that is read from disk on first touch, so
+    the reader copies the bytes out (into float32 on the CPU, pinned as stored for CUDA): disk reads and conversion
+    overlap the fit and the factorization. Each copy is ours, so a delta is formed in place, and at any moment one
+    name holds the base, one delta and the fit's running sums (all deltas for ``pca``), whatever the number of
+    checkpoints. ``stats["waited"]`` receives the seconds spent waiting for reads.
+    """
+    pin = device.type == "cuda"
+    items = [(name, j) for name in names for j in range(len(sources))]
+
+    def load(item: tuple[str, int]) -> torch.Tensor:
+        x = sources[item[1]].get(item[0])
+        return x.pin_memory() if pin else x.to(torch.float32, copy=True)
+
+    def size_of(item: tuple[str, int]) -> int:
+        info = sources[0].infos[item[0]]
+        return info.numel * (info.dtype.itemsize if pin else 4)
+
+    with Prefetcher(items, load, size_of, read_ahead) as reader:
+        stream = iter(reader)
+        for name in names:
+            w0 = next(stream)[1].to(device=device, dtype=torch.float32, non_blocking=True)  # (shape) base
+            acc = LineAccumulator(t, fit)
+            for j in range(1, len(sources)):
+                delta = next(stream)[1].to(device=device, dtype=torch.float32, non_blocking=True).sub_(w0)  # D_j
+                if not math.isfinite(acc.add(delta)):  # NaN/Inf in the base or this checkpoint propagate into ‖D‖²
+                    _raise_not_finite(name, sources[0], sources[j])
+            yield name, acc.finish()
+        stats["waited"] = reader.waited
+
+
+def _raise_not_finite(name: str, base: Checkpoint, ckpt: Checkpoint) -> None:
+    for src in (base, ckpt):
+        if not torch.isfinite(src.get(name)).all():
+            raise InputError(f"{src.path}: tensor {name} holds NaN or Inf values")
+    raise InputError(f"tensor {name}: the difference between {base.path} and {ckpt.path} overflows float32")
 
 
 def _select(base: Checkpoint, opts: ExtractOptions, arch: Architecture) -> list[str]:

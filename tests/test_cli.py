@@ -107,7 +107,14 @@ def test_nan_and_identical_checkpoint(runs, tmp_path, cli):
     w["model.norm.weight"][3] = float("nan")
     save_file(w, str(bad / "model.safetensors"))
     code, _, err = cli("extract", run.base, bad, "-o", tmp_path / "out")
-    assert_one_line_error(code, err, 3, "model.norm.weight", "NaN")
+    assert_one_line_error(code, err, 3, str(bad), "model.norm.weight", "NaN")
+    bad_base = tmp_path / "base"
+    shutil.copytree(run.base, bad_base)
+    w = load_file(str(bad_base / "model.safetensors"))
+    w["model.layers.0.mlp.up_proj.weight"][0, 0] = float("inf")
+    save_file(w, str(bad_base / "model.safetensors"))
+    code, _, err = cli("extract", bad_base, *run.checkpoints, "-o", tmp_path / "out")
+    assert_one_line_error(code, err, 3, str(bad_base), "model.layers.0.mlp.up_proj.weight", "NaN or Inf")
     same = tmp_path / "checkpoint-100"
     shutil.copytree(run.base, same)
     code, _, err = cli("extract", run.base, same, "-o", tmp_path / "out")
