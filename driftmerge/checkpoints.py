@@ -59,11 +59,12 @@ class Checkpoint:
     ``infos`` maps every tensor name to its shape, dtype and file (read from the headers / index only);
     ``get(name)`` reads one tensor. Shard handles stay open between reads; safetensors memory-maps the file, and
     the pages a read touches count as this process's memory until the map closes, so a handle is closed (and
-    reopened on the next read) once ``RELEASE_AFTER`` bytes have been read through it. Reading a model tensor by
-    tensor therefore never holds the whole file.
+    reopened on the next read) once ``release_after`` bytes have been read through it. Reading a model tensor by
+    tensor therefore never holds the whole file; a caller streaming many checkpoints at once lowers
+    ``release_after`` so that all their maps together stay small.
     """
 
-    RELEASE_AFTER = 256 << 20
+    RELEASE_AFTER = 256 << 20  # default of ``release_after``
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -75,6 +76,7 @@ class Checkpoint:
         self.config: dict[str, Any] | None = _read_json(self.path / "config.json")
         self._handles: dict[str, Any] = {}
         self._read_through: dict[str, int] = {}  # bytes read through each open handle
+        self.release_after = self.RELEASE_AFTER
         self.infos: dict[str, TensorInfo] = {}
         for fname, names in files.items():
             self._index_file(fname, names)
@@ -133,7 +135,7 @@ class Checkpoint:
         if self.format == "safetensors":  # get_tensor copies out of the map, so the map can close any time
             read = self._read_through.get(info.file, 0) + info.numel * info.dtype.itemsize
             self._read_through[info.file] = read
-            if read >= self.RELEASE_AFTER:
+            if read >= self.release_after:
                 del self._handles[info.file], self._read_through[info.file]
         return tensor
 

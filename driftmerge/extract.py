@@ -37,6 +37,7 @@ logger = logging.getLogger("driftmerge")
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 MIN_MEMORY = 64 << 20
+MAPPED_BYTES = 128 << 20  # file-map pages the sources may keep resident between releases, all together
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FACTOR_DTYPES = ("auto", *DTYPES)
 
@@ -228,6 +229,8 @@ def _stream_fits(
     """
     pin = device.type == "cuda"
     items = [(name, j) for name in names for j in range(len(sources))]
+    for src in sources:  # file maps of all sources together stay near MAPPED_BYTES (plus the tensor being read)
+        src.release_after = max(MAPPED_BYTES // len(sources), 16 << 20)
 
     def load(item: tuple[str, int]) -> torch.Tensor:
         x = sources[item[1]].get(item[0])
