@@ -108,10 +108,20 @@ class LineAccumulator:
         ss_tot = self._sum_sq - sum_d_sq / n
         if ss_tot <= 0.0:
             return None
-        s_ty = torch.add(self._sum_td * self.t[0], self._sum_d, alpha=-t_bar)  # per element S_ty
-        explained = _sq_norm(s_ty) / s_tt
+        # Σ_e S_ty,e² = ‖Σ t_i D_i‖² - 2 t̄ ⟨Σ t_i D_i, Σ D_i⟩ + t̄² ‖Σ D_i‖², from two norms and a dot product
+        # (no temporaries of the tensor's size); Σ t_i D_i = t_1 · _sum_td
+        td, d = self._sum_td.reshape(-1), self._sum_d.reshape(-1)
+        t1 = self.t[0]
+        s_ty_sq = t1 * t1 * _sq_norm(td) - 2 * t_bar * t1 * _dot(td, d) + t_bar * t_bar * sum_d_sq
+        explained = max(s_ty_sq, 0.0) / s_tt
         ss_res = max(ss_tot - explained, 0.0)
         return 1.0 - ss_res / ss_tot
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """``⟨a, b⟩`` of 1-D float32 tensors: BLAS dots over chunks of ``chunk`` elements, summed in float64, so the
+    rounding of one long float32 accumulation never enters."""
+    return sum(float(torch.dot(a[i : i + chunk], b[i : i + chunk])) for i in range(0, a.numel(), chunk))
 
 
 def _sq_norm(x: torch.Tensor) -> float:
