@@ -36,13 +36,19 @@ if TYPE_CHECKING:  # the library (torch) loads when a command runs, so --help st
     show_default=True,
     help="Factorization: seeded randomized subspace iteration, or a full SVD for reference.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i] for the factorization.")
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu or cuda[:i]: where the fit and the factorization run.",
+)
 @click.option(
     "--factor-dtype",
-    type=click.Choice(["float32", "bfloat16", "float16"]),
-    default="float32",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
     show_default=True,
-    help="Matmul dtype of the randomized factorization (fits accumulate in float32).",
+    help="Dtype of the sketching matmuls (float32 accumulate; singular values from a float32 product). "
+    "auto: bfloat16 where the device multiplies it natively (CUDA sm80+, AVX512-BF16/AMX CPUs), else float32.",
 )
 @click.option("--include", metavar="REGEX", help="Only fit tensors whose name matches.")
 @click.option("--exclude", metavar="REGEX", help="Leave out tensors whose name matches (the base is kept for them).")

@@ -183,6 +183,25 @@ def extract(
         "pass over %d tensors: %.2f s (%.2f s waiting for reads); factorization: %.2f s in all, %.2f s after the pass",
         len(names), t_pass - t_start, waited, factorizer.seconds, time.perf_counter() - t_pass,
     )  # fmt: skip
+    modules = _lora_modules(factors, records)
+    for j, ck in enumerate(cks):
+        if ckpt_sq[j] == 0.0:
+            raise InputError(f"{ck.path}: identical to the base in every fitted tensor; nothing to extract")
+    if not modules and not extras:
+        raise InputError("the checkpoints do not move any fitted tensor away from the base")
+
+    meta = _meta(base_ck, cks, steps, source, opts, device, factor_dtype, arch, records, command)
+    summary = _summary(records, base_ck, cks)
+    meta["summary"] = summary
+    config = peft_config(modules, str(base_ck.path.absolute()), arch.fan_in_fan_out)
+    with atomic_output_dir(out_dir, inputs, overwrite) as tmp:
+        write_adapter(tmp, modules, extras, meta, config, adapter_card(meta, summary))
+        summary["adapter_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+    return ExtractResult(out_dir=out_dir, meta=meta, summary=summary)
+
+
+def _lora_modules(factors: dict[str, Factor], records: dict[str, dict[str, Any]]) -> dict[str, LoraModule]:
+    """LoRA modules by module path; records get their rank and kept energy (or ``stored="zero"``)."""
     modules: dict[str, LoraModule] = {}
     for name, factor in factors.items():
         rec = records[name]
@@ -191,22 +210,7 @@ def extract(
             continue
         rec.update(rank=factor.rank, energy=factor.energy)
         modules[rec["module"]] = LoraModule(name, rec["kind"], factor.A, factor.B)
-
-    for j, ck in enumerate(cks):
-        if ckpt_sq[j] == 0.0:
-            raise InputError(f"{ck.path}: identical to the base in every fitted tensor; nothing to extract")
-    if not modules and not extras:
-        raise InputError("the checkpoints do not move any fitted tensor away from the base")
-
-    meta = _meta(base_ck, cks, steps, source, opts, device, arch, records, command)
-    meta["factor_dtype"] = factor_dtype if opts.svd == "randomized" else None
-    summary = _summary(records, base_ck, cks)
-    meta["summary"] = summary
-    config = peft_config(modules, str(base_ck.path.absolute()), arch.fan_in_fan_out)
-    with atomic_output_dir(out_dir, inputs, overwrite) as tmp:
-        write_adapter(tmp, modules, extras, meta, config, adapter_card(meta, summary))
-        summary["adapter_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
-    return ExtractResult(out_dir=out_dir, meta=meta, summary=summary)
+    return modules
 
 
 def _stream_fits(
@@ -340,6 +344,7 @@ def _meta(
     source: str,
     opts: ExtractOptions,
     device: torch.device,
+    factor_dtype: str,
     arch: Architecture,
     records: dict[str, dict[str, Any]],
     command: str | None,
@@ -366,7 +371,7 @@ def _meta(
         "oversample": opts.oversample,
         "max_memory": opts.max_memory,
         "device": device.type,
-        "factor_dtype": opts.factor_dtype,
+        "factor_dtype": factor_dtype if opts.svd == "randomized" else None,
         "storage_dtype": max(set(dtypes), key=dtypes.count) if dtypes else None,
         "adapter_dtype": "float32",
         "include": opts.include,
