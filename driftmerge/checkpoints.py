@@ -132,7 +132,7 @@ class Checkpoint:
             tensor = handle.get_tensor(name) if self.format == "safetensors" else handle[name]
         except Exception as exc:  # a truncated or corrupt file surfaces only when the bytes are read
             raise InputError(f"{self.path / info.file}: cannot read tensor {name} ({exc})") from exc
-        if self.format == "safetensors":  # get_tensor copies out of the map, so the map can close any time
+        if self.format == "safetensors":  # the tensor holds its own reference to the map: the handle may close
             read = self._read_through.get(info.file, 0) + info.numel * info.dtype.itemsize
             self._read_through[info.file] = read
             if read >= self.release_after:

@@ -86,6 +86,7 @@ def randomized_svd(
     niter: int = 2,
     compute_dtype: torch.dtype | None = None,
     track: int | None = None,
+    totals: torch.Tensor | None = None,
     tol: float = ITER_TOL,
     max_extra: int = MAX_EXTRA_ITERS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
@@ -94,8 +95,9 @@ def randomized_svd(
     ``Q = orth(M Ω)``, then power iterations ``Q = orth(M orth((Qᵀ M)ᵀ))`` (Halko, Martinsson & Tropp 2011,
     Alg. 4.4), then the SVD of the small ``Qᵀ M``. The singular values of each ``Qᵀ M`` (Ritz values) rise towards
     the true ones; after ``niter`` iterations a matrix stops as soon as its first ``track`` squared Ritz values
-    moved by at most ``tol · ‖M‖_F²`` in one iteration, and in any case after ``niter + max_extra``. A matrix with
-    a clear gap (an RLVR drift) stops at ``niter``; a flat spectrum takes more iterations instead of a worse answer.
+    moved by at most ``tol · ‖M‖_F²`` in one iteration (``totals`` holds ``‖M‖_F²``; computed when not given), and
+    in any case after ``niter + max_extra``. A matrix with a clear gap (an RLVR drift) stops at ``niter``; a flat
+    spectrum takes more iterations instead of a worse answer.
     Converged matrices are frozen, so each matrix's result is the same whatever its batch holds.
 
     Sketches are kept k-major (``(b, k, ·)``) so both products read ``M`` row by row, the fast layout on CPU BLAS.
@@ -111,7 +113,8 @@ def randomized_svd(
     )  # (b, k, n) Ωᵀ, drawn on CPU so every device sees the same numbers
     dt = compute_dtype or mats.dtype
     low = mats if dt == mats.dtype else mats.to(dt)
-    totals = torch.linalg.vector_norm(mats.reshape(b, -1), dim=1).pow(2)  # (b,) ‖M‖_F²
+    if totals is None:
+        totals = torch.linalg.vector_norm(mats.reshape(b, -1), dim=1).pow(2)  # (b,) ‖M‖_F²
     q = _orth(_xt_mt(omega_t.to(mats.device, dt), low).transpose(1, 2))  # (b, m, k) from (M Ω)ᵀ = Ωᵀ Mᵀ
     active = torch.ones(b, dtype=torch.bool, device=mats.device)
     iters = torch.zeros(b, dtype=torch.int64, device=mats.device)
@@ -182,7 +185,8 @@ def _factorize_batch(
 ) -> list[Factor]:
     b, m, n = mats.shape
     full = min(m, n)
-    totals = [float(x) ** 2 for x in torch.linalg.vector_norm(mats.reshape(b, -1), dim=1)]  # ‖M‖_F² each
+    norms_sq = torch.linalg.vector_norm(mats.reshape(b, -1), dim=1).pow(2)  # (b,) ‖M‖_F²
+    totals = norms_sq.tolist()
     k_want = full if isinstance(rule, float) else min(rule, full)
     if isinstance(rule, float) and method == "randomized":
         k_want = min(8, full)  # grown below until the energy share is reached
@@ -193,7 +197,7 @@ def _factorize_batch(
             iters = [0] * b
             exact = True
         else:
-            u, s, vh, iters = randomized_svd(mats, k, seeds, niter, compute_dtype, track=k_want)
+            u, s, vh, iters = randomized_svd(mats, k, seeds, niter, compute_dtype, k_want, norms_sq)
             u, s, vh = u[..., :k_want], s[..., :k_want], vh[..., :k_want, :]
             exact = False
         sq = s.double().pow(2)  # (b, k)
