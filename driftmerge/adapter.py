@@ -135,16 +135,21 @@ def read_adapter(folder: str | Path) -> Adapter:
         raise InputError(f"{folder}: no such adapter folder (run `driftmerge extract` first, or name the folder)")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, META):
         if not (folder / name).is_file():
-            raise InputError(f"{folder}: missing {name}; not a driftmerge adapter folder")
+            raise InputError(f"{folder}: missing {name}; not a driftmerge adapter folder (run driftmerge extract)")
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
         meta = json.loads((folder / META).read_text())
         weights = load_file(str(folder / ADAPTER_WEIGHTS))
         extras = load_file(str(folder / EXTRAS)) if (folder / EXTRAS).is_file() else {}
     except Exception as exc:
-        raise InputError(f"{folder}: cannot read the adapter ({str(exc).splitlines()[0]})") from exc
+        raise InputError(
+            f"{folder}: cannot read the adapter ({str(exc).splitlines()[0]}); run driftmerge extract again"
+        ) from exc
     if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(f"{folder / META}: unsupported format_version {meta.get('format_version')!r}")
+        raise InputError(
+            f"{folder / META}: unsupported format_version {meta.get('format_version')!r}; extract it again with this"
+            " driftmerge"
+        )
     modules: dict[str, LoraModule] = {}
     for name, rec in meta.get("tensors", {}).items():
         if rec.get("stored") != "lora":
@@ -152,16 +157,18 @@ def read_adapter(folder: str | Path) -> Adapter:
         path, kind = rec["module"], rec["kind"]
         key_a, key_b = lora_keys(path, kind)
         if key_a not in weights or key_b not in weights:
-            raise InputError(f"{folder / ADAPTER_WEIGHTS}: no factors for {path}")
+            raise InputError(f"{folder / ADAPTER_WEIGHTS}: no factors for {path}; run driftmerge extract again")
         r = weights[key_a].shape[0]
         alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", r))
         r_cfg = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", r))
         if r_cfg != r:
-            raise InputError(f"{folder}: {path} has rank {r} on disk but {r_cfg} in {ADAPTER_CONFIG}")
+            raise InputError(
+                f"{folder}: {path} has rank {r} on disk but {r_cfg} in {ADAPTER_CONFIG}; run driftmerge extract again"
+            )
         modules[path] = LoraModule(name, kind, weights[key_a], weights[key_b], scaling=alpha / r)
     for name, rec in meta.get("tensors", {}).items():
         if rec.get("stored") == "extras" and name not in extras:
-            raise InputError(f"{folder / EXTRAS}: missing the drift of {name}")
+            raise InputError(f"{folder / EXTRAS}: missing the drift of {name}; run driftmerge extract again")
     return Adapter(modules=modules, extras={k: v.float() for k, v in extras.items()}, meta=meta, config=config)
 
 

@@ -81,13 +81,13 @@ class Checkpoint:
         for fname, names in files.items():
             self._index_file(fname, names)
         if not self.infos:
-            raise InputError(f"{self.path}: the weight files hold no tensors")
+            raise InputError(f"{self.path}: the weight files hold no tensors; re-save the model (save_pretrained)")
 
     # ---- listing ---------------------------------------------------------------------------------------------
     def _index_file(self, fname: str, expected: set[str] | None) -> None:
         fpath = self.path / fname
         if not fpath.is_file():
-            raise InputError(f"{self.path}: the index names {fname}, which is missing")
+            raise InputError(f"{self.path}: the index names {fname}, which is missing; copy that shard or re-save")
         handle = self._open(fname)
         if self.format == "safetensors":
             names = list(handle.keys())
@@ -95,7 +95,9 @@ class Checkpoint:
                 sl = handle.get_slice(name)
                 dtype = _SAFE_DTYPES.get(sl.get_dtype())
                 if dtype is None:
-                    raise InputError(f"{fpath}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                    raise InputError(
+                        f"{fpath}: tensor {name} has unsupported dtype {sl.get_dtype()}; save it in bf16, fp16 or fp32"
+                    )
                 self.infos[name] = TensorInfo(tuple(sl.get_shape()), dtype, fname)
         else:
             for name, t in handle.items():
@@ -104,7 +106,7 @@ class Checkpoint:
         if expected is not None:
             missing = sorted(expected - {n for n, i in self.infos.items() if i.file == fname})
             if missing:
-                raise InputError(f"{fpath}: the index says it holds {missing[0]}, but it does not")
+                raise InputError(f"{fpath}: the index says it holds {missing[0]}, but it does not; re-save the model")
 
     def _open(self, fname: str) -> Any:
         if fname in self._handles:
@@ -117,7 +119,9 @@ class Checkpoint:
                 handle = _load_bin(fpath)
         except Exception as exc:  # any unreadable file: truncated, corrupt header, not a weight file
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise InputError(f"{fpath}: cannot read the weights ({msg})") from exc
+            raise InputError(
+                f"{fpath}: cannot read the weights ({msg}); the file is damaged or incomplete, copy or save it again"
+            ) from exc
         self._handles[fname] = handle
         return handle
 
@@ -131,7 +135,10 @@ class Checkpoint:
         try:
             tensor = handle.get_tensor(name) if self.format == "safetensors" else handle[name]
         except Exception as exc:  # a truncated or corrupt file surfaces only when the bytes are read
-            raise InputError(f"{self.path / info.file}: cannot read tensor {name} ({exc})") from exc
+            raise InputError(
+                f"{self.path / info.file}: cannot read tensor {name} ({exc}); the file is damaged or incomplete, copy"
+                " or save it again"
+            ) from exc
         if self.format == "safetensors":  # the tensor holds its own reference to the map: the handle may close
             read = self._read_through.get(info.file, 0) + info.numel * info.dtype.itemsize
             self._read_through[info.file] = read
@@ -183,7 +190,7 @@ def _weight_files(path: Path) -> tuple[str, dict[str, set[str] | None]]:
             index = _read_json(index_path)
             weight_map = (index or {}).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
-                raise InputError(f"{index_path}: no weight_map in the index")
+                raise InputError(f"{index_path}: no weight_map in the index; re-save the model (save_pretrained)")
             files: dict[str, set[str] | None] = {}
             for name, fname in weight_map.items():
                 files.setdefault(fname, set()).add(name)  # type: ignore[union-attr]
@@ -210,9 +217,9 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+        raise InputError(f"{path}: not valid JSON ({exc}); fix the file or save the model again") from exc
     if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object")
+        raise InputError(f"{path}: expected a JSON object; fix the file or save the model again")
     return data
 
 
@@ -221,7 +228,7 @@ def check_compatible(base: Checkpoint, checkpoints: Sequence[Checkpoint]) -> Non
     """Every checkpoint must hold the base's tensors with the base's shapes (checked from headers only)."""
     for ckpt in checkpoints:
         if ckpt.path.resolve() == base.path.resolve():
-            raise InputError(f"{ckpt.path}: this checkpoint is the base folder itself")
+            raise InputError(f"{ckpt.path}: this checkpoint is the base folder itself; list the base once, first")
         missing = sorted(set(base.infos) - set(ckpt.infos))
         extra = sorted(set(ckpt.infos) - set(base.infos))
         if missing or extra:
@@ -232,7 +239,12 @@ def check_compatible(base: Checkpoint, checkpoints: Sequence[Checkpoint]) -> Non
         for name, info in base.infos.items():
             other = ckpt.infos[name].shape
             if other != info.shape:
-                raise InputError(f"{ckpt.path}: tensor {name} has shape {list(other)}, the base has {list(info.shape)}")
+                hint = "base and checkpoints must come from the same model"
+                if len(other) == 2 and other[1:] == info.shape[1:]:
+                    hint = f"different vocabularies ({other[0]} rows against {info.shape[0]})? {hint} and vocabulary"
+                raise InputError(
+                    f"{ckpt.path}: tensor {name} has shape {list(other)}, the base has {list(info.shape)}; {hint}"
+                )
 
 
 # ---- steps ---------------------------------------------------------------------------------------------------

@@ -149,6 +149,7 @@ def extract(
     names = _select(base_ck, opts, arch)
     if not names:
         raise InputError("no floating-point tensors left to fit (check --include / --exclude)")
+    _check_rank(opts.rank, [base_ck.infos[n].shape for n in names if n in arch.kinds])
     t = [s - opts.base_step for s in steps]
     records: dict[str, dict[str, Any]] = {}
     extras: dict[str, torch.Tensor] = {}
@@ -186,9 +187,11 @@ def extract(
     modules = _lora_modules(factors, records)
     for j, ck in enumerate(cks):
         if ckpt_sq[j] == 0.0:
-            raise InputError(f"{ck.path}: identical to the base in every fitted tensor; nothing to extract")
+            raise InputError(
+                f"{ck.path}: identical to the base in every fitted tensor; give checkpoints from later in training"
+            )
     if not modules and not extras:
-        raise InputError("the checkpoints do not move any fitted tensor away from the base")
+        raise InputError("the checkpoints do not move any fitted tensor away from the base; check --include/--exclude")
 
     meta = _meta(base_ck, cks, steps, source, opts, device, factor_dtype, arch, records, command)
     summary = _summary(records, base_ck, cks)
@@ -198,6 +201,16 @@ def extract(
         write_adapter(tmp, modules, extras, meta, config, adapter_card(meta, summary))
         summary["adapter_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
     return ExtractResult(out_dir=out_dir, meta=meta, summary=summary)
+
+
+def _check_rank(rank: int | float, shapes: list[tuple[int, ...]]) -> None:
+    """An integer rank above every LoRA matrix's own limit ``min(m, n)`` is a mistake, not a cap to apply."""
+    limit = max((min(s) for s in shapes), default=0)
+    if isinstance(rank, int) and limit and rank > limit:
+        raise InputError(
+            f"--rank {rank} is larger than any fitted matrix allows (at most {limit}); give {limit} or less, "
+            "or an energy share such as 0.9"
+        )
 
 
 def _lora_modules(factors: dict[str, Factor], records: dict[str, dict[str, Any]]) -> dict[str, LoraModule]:
@@ -260,7 +273,7 @@ def _stream_fits(
 def _raise_not_finite(name: str, base: Checkpoint, ckpt: Checkpoint) -> None:
     for src in (base, ckpt):
         if not torch.isfinite(src.get(name)).all():
-            raise InputError(f"{src.path}: tensor {name} holds NaN or Inf values")
+            raise InputError(f"{src.path}: tensor {name} holds NaN or Inf values; leave this checkpoint out")
     raise InputError(f"tensor {name}: the difference between {base.path} and {ckpt.path} overflows float32")
 
 

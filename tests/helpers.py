@@ -28,3 +28,20 @@ def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.Cap
     out, err = capsys.readouterr()
     code = exc.value.code
     return (code if isinstance(code, int) else 1), out, err
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Temporary siblings an output folder may leave (``.NAME.tmp-…`` / ``.NAME.old-…``)."""
+    return sorted(
+        p.name for p in parent.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)
+    )
+
+
+def assert_one_line_error(code: int, err: str, want_code: int, *fragments: str) -> None:
+    """One line ``driftmerge: error: …`` holding every fragment, the wanted exit code, no traceback."""
+    assert code == want_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("driftmerge: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])

@@ -5,17 +5,12 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import run_cli
+from helpers import assert_one_line_error, leftovers, run_cli
 from safetensors.torch import load_file, save_file
 
 from driftmerge.synthetic import make_run
-
-
-def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if p.name.startswith(".") and ".tmp-" in p.name)
 
 
 @pytest.fixture
@@ -24,15 +19,6 @@ def cli(monkeypatch, capsys):
         return run_cli(list(args), monkeypatch, capsys)
 
     return call
-
-
-def assert_one_line_error(code, err, want_code, *fragments):
-    assert code == want_code, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("driftmerge: error: "), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
 
 
 def test_extract_and_apply_with_defaults(runs, tmp_path, monkeypatch, cli):
