@@ -6,6 +6,7 @@ import logging
 import sys
 
 import click
+from driftmerge_cli.analyze import analyze_cmd
 from driftmerge_cli.apply import apply_cmd
 from driftmerge_cli.demo import demo_cmd
 from driftmerge_cli.extract import extract_cmd
@@ -31,6 +32,7 @@ def cli(verbose: bool) -> None:
 cli.add_command(extract_cmd)
 cli.add_command(apply_cmd)
 cli.add_command(demo_cmd)
+cli.add_command(analyze_cmd)
 
 
 def main() -> None:

@@ -30,14 +30,13 @@ from driftmerge.checkpoints import Checkpoint, check_compatible, resolve_steps
 from driftmerge.errors import InputError
 from driftmerge.lowrank import SVD_METHODS, Factor, factorize, matrix_seed
 from driftmerge.outputs import atomic_output_dir, check_output_dir
-from driftmerge.prefetch import Prefetcher
+from driftmerge.stream import stream_deltas
 from driftmerge.trajectory import FITS, LineAccumulator, TensorFit
 
 logger = logging.getLogger("driftmerge")
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 MIN_MEMORY = 64 << 20
-MAPPED_BYTES = 128 << 20  # file-map pages the sources may keep resident between releases, all together
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FACTOR_DTYPES = ("auto", *DTYPES)
 
@@ -235,42 +234,16 @@ def _stream_fits(
     read_ahead: int,
     stats: dict[str, float],
 ) -> Iterator[tuple[str, TensorFit]]:
-    """Yield ``(name, fit)`` per tensor name; ``sources`` is the base, then the checkpoints in step order.
-
-    A reader thread loads single tensors — name by name, the base's copy then each checkpoint's — up to
-    ``read_ahead`` bytes ahead. safetensors hands out views of a file map that is read from disk on first touch, so
-    the reader copies the bytes out (into float32 on the CPU, pinned as stored for CUDA): disk reads and conversion
-    overlap the fit and the factorization. Each copy is ours, so a delta is formed in place, and at any moment one
-    name holds the base, one delta and the fit's running sums (all deltas for ``pca``), whatever the number of
-    checkpoints. ``stats["waited"]`` receives the seconds spent waiting for reads.
-    """
-    pin = device.type == "cuda"
-    items = [(name, j) for name in names for j in range(len(sources))]
-    for src in sources:  # file maps of all sources together stay near MAPPED_BYTES (plus the tensor being read)
-        src.release_after = max(MAPPED_BYTES // len(sources), 16 << 20)
-
-    def load(item: tuple[str, int]) -> torch.Tensor:
-        x = sources[item[1]].get(item[0])
-        return x.pin_memory() if pin else x.to(torch.float32, copy=True)
-
-    def size_of(item: tuple[str, int]) -> int:
-        info = sources[0].infos[item[0]]
-        return info.numel * (info.dtype.itemsize if pin else 4)
-
-    with Prefetcher(items, load, size_of, read_ahead) as reader:
-        stream = iter(reader)
-        for name in names:
-            w0 = next(stream)[1].to(device=device, dtype=torch.float32, non_blocking=True)  # (shape) base
-            acc = LineAccumulator(t, fit)
-            for j in range(1, len(sources)):
-                delta = next(stream)[1].to(device=device, dtype=torch.float32, non_blocking=True).sub_(w0)  # D_j
-                if not math.isfinite(acc.add(delta)):  # NaN/Inf in the base or this checkpoint propagate into ‖D‖²
-                    _raise_not_finite(name, sources[0], sources[j])
-            yield name, acc.finish()
-        stats["waited"] = reader.waited
+    """Yield ``(name, fit)`` per tensor name, from deltas streamed by :func:`stream_deltas`."""
+    for name, deltas in stream_deltas(names, sources, device, read_ahead, stats):
+        acc = LineAccumulator(t, fit)
+        for j, delta in deltas:
+            if not math.isfinite(acc.add(delta)):  # NaN/Inf in the base or this checkpoint propagate into ‖D‖²
+                raise_not_finite(name, sources[0], sources[j])
+        yield name, acc.finish()
 
 
-def _raise_not_finite(name: str, base: Checkpoint, ckpt: Checkpoint) -> None:
+def raise_not_finite(name: str, base: Checkpoint, ckpt: Checkpoint) -> None:
     for src in (base, ckpt):
         if not torch.isfinite(src.get(name)).all():
             raise InputError(f"{src.path}: tensor {name} holds NaN or Inf values; leave this checkpoint out")

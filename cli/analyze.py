@@ -1,0 +1,57 @@
+"""``driftmerge analyze BASE CHECKPOINT...`` or ``driftmerge analyze ADAPTER``: linearity and rank evidence."""
+
+from __future__ import annotations
+
+import click
+from driftmerge_cli.common import SizeType, StepsType, progress_bar
+
+
+@click.command("analyze")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--output", "out", default="driftmerge-report", show_default=True, help="Report folder to write.")
+@click.option("--steps", type=StepsType(), help="Checkpoint steps [default: from folder names, else 1..N]")
+@click.option("--base-step", type=int, default=0, show_default=True, help="Step of the base model.")
+@click.option(
+    "--sample-frac",
+    type=float,
+    default=1e-3,
+    show_default=True,
+    help="Share of each tensor's elements sampled (seeded) for per-element R².",
+)
+@click.option("--spectrum", type=int, default=8, show_default=True, help="Report energy in the top 1, 2, 4, ... K.")
+@click.option(
+    "--min-move",
+    type=float,
+    default=0.1,
+    show_default=True,
+    help="Leave out sampled elements whose range is below this times the sample's median range.",
+)
+@click.option("--logprobs", type=click.Path(path_type=str), help="JSONL of {prompt, response}: log-prob linearity.")
+@click.option("--logprob-min-move", type=float, default=0.2, show_default=True, help="Keep tokens that moved more.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i] for the statistics and scoring.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the element sample.")
+@click.option("--max-memory", type=SizeType("--max-memory"), default="1GiB", show_default=True, help="Read-ahead.")
+@click.option("--overwrite", is_flag=True, help="Replace the report folder if it exists.")
+def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: object) -> None:
+    """How linear was the run BASE → CHECKPOINT..., and how much of each drift does rank 1 hold.
+
+    With a single ADAPTER folder, render what `driftmerge extract` recorded in it instead.
+    """
+    from pathlib import Path
+
+    from driftmerge.analyze import AnalyzeOptions, analyze, analyze_adapter
+
+    if len(paths) == 1 and (Path(paths[0]) / "driftmerge.json").is_file():
+        result = analyze_adapter(paths[0], out, overwrite)
+    else:
+        with progress_bar("analyze") as progress:
+            result = analyze(paths[0], list(paths[1:]), out, AnalyzeOptions(**opts), overwrite, progress)  # type: ignore[arg-type]
+    rows = result.table()
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lp = result.report.get("logprobs")
+    if lp:
+        med = "n/a" if lp["r2_median"] is None else f"{lp['r2_median']:.3f}"
+        lines.append(f"log-probs: {lp['kept']} of {lp['tokens']} tokens moved > {lp['min_move']}; median R² {med}")
+    lines.append(f"wrote {result.out_dir}: report.json, report.md, {len(result.figures)} figures")
+    click.echo("\n".join(lines))

@@ -1,0 +1,207 @@
+"""How linear was this run, and how much does rank 1 hold: per-tensor trajectory statistics (pure math, no I/O).
+
+Notation as in :mod:`driftmerge.trajectory`: deltas ``D_i = W_i - W_0`` at relative steps ``t_i``; the points of a
+fit are the base ``(0, 0)`` and the checkpoints (n = N + 1). All whole-tensor numbers come from the Gram matrix
+``G_ij = ⟨D_i, D_j⟩`` (float64 sums of chunked float32 dots):
+
+- drift norm per checkpoint ``‖D_i‖ = √G_ii``; direction stability ``cos(D_i, D_{i+1}) = G_{i,i+1} / (‖D_i‖‖D_{i+1}‖)``;
+- pooled linearity R² (DESIGN §3): ``SS_tot = tr G - 1ᵀG1 / n``, ``‖S_ty‖² = tᵀGt - 2 t̄ tᵀG1 + t̄² 1ᵀG1``,
+  ``R² = 1 - (SS_tot - ‖S_ty‖² / S_tt) / SS_tot``;
+- the lsq drift ``D = α Σ t_j D_j`` (``α = t_ref / Σ t²``) and each checkpoint's projection on its direction,
+  ``c_i = ⟨D_i, D⟩ / ‖D‖ = α (G t)_i / ‖D‖``;
+- per-element R² (the seed paper's measure) on a seeded sample of ``sample_frac`` of the elements: Pearson r² of
+  the element's value against the step over the n points; elements whose range over the trajectory is below
+  ``min_move`` × the median range of the sample barely move and are left out;
+- for 2-D weights, the share of ``‖D‖_F²`` held by the top 1, 2, 4, … ``spectrum`` singular values.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from driftmerge.lowrank import matrix_seed, randomized_svd
+from driftmerge.trajectory import _dot
+
+R2_THRESHOLD = 0.7  # the seed paper's bar for "linear"
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+@dataclass
+class TensorStats:
+    name: str
+    module_type: str  # q_proj, k_proj, ..., embed_tokens, input_layernorm, lm_head (bias tensors: "<type>.bias")
+    layer: int | None
+    shape: list[int]
+    delta_norms: list[float]  # ‖D_i‖ per checkpoint
+    step_cosines: list[float]  # cos(D_i, D_{i+1}), N - 1 values
+    projection: list[float]  # ⟨D_i, D̂⟩ per checkpoint
+    drift_norm: float  # ‖D‖ of the lsq drift
+    ss_tot: float  # pooled Σ_e SS_tot,e (for pooling R² over groups)
+    ss_res: float
+    elem_r2: list[float] = field(default_factory=list)  # per-element R² of the kept sampled elements
+    elem_sampled: int = 0
+    energy_top: dict[int, float] | None = None  # rank r -> share of ‖D‖² in the top r singular values
+
+    @property
+    def r2(self) -> float | None:
+        return 1.0 - self.ss_res / self.ss_tot if self.ss_tot > 0 else None
+
+
+def module_type(name: str) -> str:
+    parts = name.split(".")
+    if parts[-1] in ("weight", "bias") and len(parts) > 1:
+        return parts[-2] if parts[-1] == "weight" else f"{parts[-2]}.bias"
+    return parts[-1]
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.search(f".{name}")
+    return int(m.group(1)) if m else None
+
+
+def tensor_stats(
+    name: str,
+    deltas: Sequence[torch.Tensor],
+    t: Sequence[float],
+    sample_frac: float = 1e-3,
+    spectrum: int = 8,
+    min_move: float = 0.1,
+    seed: int = 0,
+) -> TensorStats:
+    """Statistics of one tensor from its deltas ``D_1..D_N`` (float32, any device, the tensor's shape)."""
+    n_ck = len(deltas)
+    if n_ck != len(t) or n_ck == 0:
+        raise ValueError(f"got {n_ck} deltas for {len(t)} steps")
+    flat = [d.reshape(-1) for d in deltas]
+    gram = torch.zeros(n_ck, n_ck, dtype=torch.float64)  # (N, N) G_ij = ⟨D_i, D_j⟩
+    for i in range(n_ck):
+        for j in range(i + 1):
+            gram[i, j] = gram[j, i] = _dot(flat[i], flat[j])
+    tt = torch.tensor([float(x) for x in t], dtype=torch.float64)  # (N,)
+    ones = torch.ones(n_ck, dtype=torch.float64)
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    cos = [
+        max(-1.0, min(1.0, float(gram[i, i + 1] / (norms[i] * norms[i + 1])))) if norms[i] * norms[i + 1] > 0 else 0.0
+        for i in range(n_ck - 1)
+    ]
+    alpha = float(tt[-1]) / float(tt @ tt)
+    drift_sq = alpha * alpha * float(tt @ gram @ tt)
+    drift_norm = math.sqrt(max(drift_sq, 0.0))
+    gt = gram @ tt  # (N,) ⟨D_i, Σ_j t_j D_j⟩
+    projection = [float(alpha * x / drift_norm) if drift_norm > 0 else 0.0 for x in gt]
+    ss_tot, ss_res = _pooled_sums(gram, tt, ones)
+
+    stats = TensorStats(
+        name=name,
+        module_type=module_type(name),
+        layer=layer_of(name),
+        shape=list(deltas[0].shape),
+        delta_norms=norms.tolist(),
+        step_cosines=cos,
+        projection=projection,
+        drift_norm=drift_norm,
+        ss_tot=ss_tot,
+        ss_res=ss_res,
+    )
+    gen_seed = matrix_seed(seed, name)
+    if n_ck >= 2:
+        stats.elem_r2, stats.elem_sampled = element_r2(flat, t, sample_frac, min_move, gen_seed)
+    if deltas[0].dim() == 2 and drift_norm > 0 and spectrum > 0:
+        drift = torch.zeros_like(deltas[0])  # (m, n) the lsq drift
+        for d, tj in zip(deltas, t, strict=True):
+            drift.add_(d, alpha=alpha * float(tj))
+        stats.energy_top = energy_spectrum(drift, spectrum, gen_seed)
+    return stats
+
+
+def _pooled_sums(gram: torch.Tensor, tt: torch.Tensor, ones: torch.Tensor) -> tuple[float, float]:
+    """``(Σ SS_tot, Σ SS_res)`` over elements for the per-element line with intercept through base + checkpoints."""
+    n = len(tt) + 1
+    if n < 3:
+        return 0.0, 0.0
+    t_bar = float(tt.sum()) / n
+    s_tt = float(tt @ tt) - n * t_bar * t_bar
+    sum_sq, d_sum = float(gram.trace()), float(ones @ gram @ ones)
+    ss_tot = sum_sq - d_sum / n
+    s_ty = float(tt @ gram @ tt) - 2 * t_bar * float(tt @ gram @ ones) + t_bar * t_bar * d_sum
+    ss_res = max(ss_tot - max(s_ty, 0.0) / s_tt, 0.0)
+    return max(ss_tot, 0.0), ss_res
+
+
+def element_r2(
+    flat: Sequence[torch.Tensor], t: Sequence[float], frac: float, min_move: float, seed: int
+) -> tuple[list[float], int]:
+    """Per-element R² on a seeded sample; returns (R² of the elements that move, number sampled)."""
+    numel = flat[0].numel()
+    count = min(numel, max(1, round(frac * numel)))
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(numel, (count,), generator=gen).to(flat[0].device)  # (S,)
+    y = torch.stack([torch.zeros(count, device=flat[0].device), *(f[idx] for f in flat)]).double().cpu()  # (n, S)
+    ts = torch.tensor([0.0, *map(float, t)], dtype=torch.float64)[:, None]  # (n, 1)
+    yc, tc = y - y.mean(0), ts - ts.mean()
+    ss_tot = (yc * yc).sum(0)  # (S,)
+    s_ty = (tc * yc).sum(0)
+    spread = y.amax(0) - y.amin(0)  # (S,) range over the trajectory
+    moving = spread > 0
+    if bool(moving.any()):
+        moving &= spread >= min_move * float(spread[moving].median())
+    r2 = (s_ty * s_ty) / (float((tc * tc).sum()) * ss_tot.clamp_min(1e-300))
+    return r2[moving].clamp(0.0, 1.0).tolist(), count
+
+
+def energy_spectrum(matrix: torch.Tensor, k: int, seed: int) -> dict[int, float]:
+    """Share of ``‖M‖_F²`` in the top r singular values, for r = 1, 2, 4, … up to ``k`` (and ``k`` itself)."""
+    m, n = matrix.shape
+    k = min(k, m, n)
+    total = float(torch.linalg.vector_norm(matrix)) ** 2
+    if k + 8 >= min(m, n):
+        sv = torch.linalg.svdvals(matrix.float())[:k]
+    else:
+        _, sv, _, _ = randomized_svd(matrix[None].float(), k + 8, [seed], niter=2, track=k)
+        sv = sv[0, :k]
+    cum = torch.cumsum(sv.double().pow(2), 0) / total  # (k,)
+    ranks = sorted({*(2**i for i in range(k.bit_length()) if 2**i <= k), k})
+    return {r: min(float(cum[r - 1]), 1.0) for r in ranks}
+
+
+def summarize(group: Iterable[TensorStats]) -> dict[str, float | int | list[float] | None]:
+    """Pooled numbers for a group of tensors: R² (pooled sums), element R², rank-1 energy, drift norms."""
+    items = list(group)
+    ss_tot = sum(s.ss_tot for s in items)
+    ss_res = sum(s.ss_res for s in items)
+    elems = [r for s in items for r in s.elem_r2]
+    mats = [s for s in items if s.energy_top]
+    weight = sum(s.drift_norm**2 for s in mats)
+    n_ck = len(items[0].delta_norms) if items else 0
+    return {
+        "tensors": len(items),
+        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else None,
+        "elem_r2_median": statistics.median(elems) if elems else None,
+        "elem_r2_share_above": sum(r > R2_THRESHOLD for r in elems) / len(elems) if elems else None,
+        "elem_count": len(elems),
+        "energy_rank1": sum(s.energy_top[1] * s.drift_norm**2 for s in mats) / weight if weight > 0 else None,  # type: ignore[index]
+        "delta_norms": [math.sqrt(sum(s.delta_norms[i] ** 2 for s in items)) for i in range(n_ck)],
+    }
+
+
+def group_by(stats: Iterable[TensorStats], key: Callable[[TensorStats], str]) -> dict[str, list[TensorStats]]:
+    out: dict[str, list[TensorStats]] = {}
+    for s in stats:
+        out.setdefault(key(s), []).append(s)
+    return out
+
+
+def model_projection(stats: Sequence[TensorStats]) -> list[float]:
+    """Each checkpoint's projection on the whole model's drift direction (all tensors' drifts, concatenated):
+    ``c_i = Σ_T ⟨D_i^T, D^T⟩ / √(Σ_T ‖D^T‖²)``."""
+    total = math.sqrt(sum(s.drift_norm**2 for s in stats))
+    if not stats or total == 0:
+        return []
+    n_ck = len(stats[0].projection)
+    return [sum(s.projection[i] * s.drift_norm for s in stats) / total for i in range(n_ck)]

@@ -1,0 +1,57 @@
+"""Stream the deltas of many checkpoints against a base, tensor by tensor, within a memory budget.
+
+A reader thread (:class:`~driftmerge.prefetch.Prefetcher`) loads single tensors — name by name, the base's copy
+then each checkpoint's — up to ``read_ahead`` bytes ahead. safetensors hands out views of a file map that is read
+from disk on first touch, so the reader copies the bytes out (into float32 on the CPU, pinned as stored for CUDA):
+disk reads and conversion overlap the consumer's compute. Each copy is the consumer's, so a delta is formed in
+place, and the file maps of all sources together stay near ``MAPPED_BYTES`` between releases.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from driftmerge.checkpoints import Checkpoint
+from driftmerge.prefetch import Prefetcher
+
+MAPPED_BYTES = 128 << 20  # file-map pages the sources may keep resident between releases, all together
+
+
+def stream_deltas(
+    names: list[str],
+    sources: list[Checkpoint],
+    device: torch.device,
+    read_ahead: int,
+    stats: dict[str, float] | None = None,
+) -> Iterator[tuple[str, Iterator[tuple[int, torch.Tensor]]]]:
+    """Yield ``(name, deltas)`` per tensor; ``deltas`` yields ``(j, D_j)`` for checkpoint j = 1..N (``sources`` is
+    the base, then the checkpoints), each ``D_j = W_j - W_0`` a fresh float32 tensor on ``device`` that the consumer
+    owns. Exhaust ``deltas`` before the next name. ``stats["waited"]`` receives the seconds spent waiting for reads.
+    """
+    pin = device.type == "cuda"
+    items = [(name, j) for name in names for j in range(len(sources))]
+    for src in sources:
+        src.release_after = max(MAPPED_BYTES // len(sources), 16 << 20)
+
+    def load(item: tuple[str, int]) -> torch.Tensor:
+        x = sources[item[1]].get(item[0])
+        return x.pin_memory() if pin else x.to(torch.float32, copy=True)
+
+    def size_of(item: tuple[str, int]) -> int:
+        info = sources[0].infos[item[0]]
+        return info.numel * (info.dtype.itemsize if pin else 4)
+
+    with Prefetcher(items, load, size_of, read_ahead) as reader:
+        stream = iter(reader)
+
+        def deltas(w0: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+            for j in range(1, len(sources)):
+                yield j, next(stream)[1].to(device=device, dtype=torch.float32, non_blocking=True).sub_(w0)
+
+        for name in names:
+            w0 = next(stream)[1].to(device=device, dtype=torch.float32, non_blocking=True)  # (shape) base
+            yield name, deltas(w0)
+        if stats is not None:
+            stats["waited"] = reader.waited
