@@ -23,7 +23,9 @@ def response_logprobs(
 ) -> torch.Tensor:
     """Log-probs of all response tokens of all pairs, concatenated in order: ``(tokens,)`` float64."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per model load would bury driftmerge's own
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []

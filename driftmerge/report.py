@@ -196,12 +196,12 @@ def draw_figures(report: dict[str, Any], stats: list[TensorStats], out: Path) ->
     layers = [k for k in report["by_layer"] if k != "other"]
     types = sorted({s.module_type for s in stats if s.layer is not None})
 
-    def grid(value: str) -> list[list[float]]:
+    def grid(value: str, cols: list[str]) -> list[list[float]]:
         cells = {(str(s.layer), s.module_type): s for s in stats if s.layer is not None}
         out_rows = []
         for layer in layers:
             row = []
-            for typ in types:
+            for typ in cols:
                 s = cells.get((layer, typ))
                 v = None
                 if s is not None:
@@ -214,11 +214,12 @@ def draw_figures(report: dict[str, Any], stats: list[TensorStats], out: Path) ->
         ("r2_heatmap", "r2", "Pooled linearity R² per tensor"),
         ("rank1_energy_heatmap", "energy", "Share of drift energy in rank 1"),
     ):
-        if not layers or not types:
+        cols = types if value == "r2" else [c for c in types if any(s.module_type == c and s.energy_top for s in stats)]
+        if not layers or not cols:  # no layer stack, or no 2-D weights for the energy map
             continue
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.7 * len(types)), max(3.5, 1.6 + 0.3 * len(layers))))
-        im = ax.imshow(grid(value), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(types)), types, rotation=45, ha="right")
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.7 * len(cols)), max(3.5, 1.6 + 0.3 * len(layers))))
+        im = ax.imshow(grid(value, cols), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
         ax.set_yticks(range(len(layers)), layers)
         ax.set_xlabel("module type")
         ax.set_ylabel("layer")
