@@ -33,17 +33,20 @@ def parse_size(text: str | int, flag: str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
-def keep_freed_buffers(limit: int = 1 << 30) -> bool:
+def keep_freed_buffers(limit: int = 1 << 30) -> int:
     """Ask glibc to keep freed blocks up to ``limit`` bytes for reuse (process-wide; the CLI calls it once).
 
-    Returns False, changing nothing, where the C library is not glibc.
+    Some glibc versions refuse a threshold above 32 MiB; then 32 MiB is used. Returns the threshold set, or 0
+    (changing nothing) where the C library is not glibc or refuses both.
     """
     name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(name).mallopt
     except (OSError, AttributeError, TypeError):
-        return False
-    ok = mallopt(_M_MMAP_THRESHOLD, limit) == 1 and mallopt(_M_TRIM_THRESHOLD, 2 * limit) == 1
-    logger.info("allocator: freed blocks up to %d MiB kept for reuse: %s", limit >> 20, ok)
-    return ok
+        return 0
+    for threshold in (limit, min(limit, 32 << 20)):
+        if mallopt(_M_MMAP_THRESHOLD, threshold) == 1:
+            mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
+            logger.info("allocator: freed blocks up to %d MiB kept for reuse", threshold >> 20)
+            return threshold
+    return 0

@@ -97,4 +97,4 @@ def test_help_and_extract_on_a_known_decoder_do_not_import_transformers(runs, tm
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_allocator_setting_is_accepted_by_glibc():
-    assert keep_freed_buffers() is True
+    assert keep_freed_buffers() >= 32 << 20
