@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +74,13 @@ def _line(x: list[float], y: list[float]) -> dict[str, float] | None:
 
 
 def _tensor_entry(s: TensorStats) -> dict[str, Any]:
-    elems = sorted(s.elem_r2)
+    elems = s.elem_r2
     return {
         "module_type": s.module_type,
         "layer": s.layer,
         "shape": s.shape,
         "r2": s.r2,
-        "elem_r2_median": elems[len(elems) // 2] if elems else None,
+        "elem_r2_median": statistics.median(elems) if elems else None,
         "elem_r2_share_above": sum(r > R2_THRESHOLD for r in elems) / len(elems) if elems else None,
         "elem_sampled": s.elem_sampled,
         "elem_kept": len(elems),
