@@ -13,7 +13,11 @@ if TYPE_CHECKING:  # the library (torch) loads when a command runs, so --help st
 
 @click.command("extract")
 @click.argument("base", type=click.Path(path_type=str))
-@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.argument("checkpoints", nargs=-1, type=click.Path(path_type=str))
+@click.option("--run-dir", metavar="DIR", help="Take the checkpoints from a run folder (TRL, verl, step_N/) instead.")
+@click.option("--every", type=int, metavar="K", help="With --run-dir: only steps that are multiples of K.")
+@click.option("--last", type=int, metavar="N", help="With --run-dir: only the last N checkpoints.")
+@click.option("--steps-range", metavar="A:B", help="With --run-dir: only steps A..B (A: or :B leave a side open).")
 @click.option("-o", "--output", "out", default="driftmerge-adapter", show_default=True, help="Adapter folder to write.")
 @click.option(
     "--steps",
@@ -62,14 +66,43 @@ if TYPE_CHECKING:  # the library (torch) loads when a command runs, so --help st
     "largest tensor. Changes speed, never the result.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
-def extract_cmd(base: str, checkpoints: tuple[str, ...], out: str, overwrite: bool, **opts: object) -> None:
-    """Fit the linear drift from BASE through CHECKPOINT... and store it as a PEFT LoRA adapter."""
+def extract_cmd(
+    base: str,
+    checkpoints: tuple[str, ...],
+    out: str,
+    overwrite: bool,
+    run_dir: str | None,
+    every: int | None,
+    last: int | None,
+    steps_range: str | None,
+    **opts: object,
+) -> None:
+    """Fit the linear drift from BASE through CHECKPOINT... (or the checkpoints of --run-dir) and store it as a PEFT
+    LoRA adapter."""
     from driftmerge.extract import ExtractOptions, extract
 
+    if run_dir is None and (every, last, steps_range) != (None, None, None):
+        raise click.UsageError("--every, --last and --steps-range select from a --run-dir")
+    if run_dir is not None:
+        if checkpoints:
+            raise click.UsageError("give checkpoints either as arguments or with --run-dir, not both")
+        checkpoints = _from_run_dir(run_dir, every, last, steps_range)
+    elif not checkpoints:
+        raise click.UsageError("give at least one CHECKPOINT after BASE, or --run-dir")
     options = ExtractOptions(**opts)  # type: ignore[arg-type]
     with progress_bar("extract") as progress:
         result = extract(base, list(checkpoints), out, options, overwrite, progress, command_line())
     print_summary(result)
+
+
+def _from_run_dir(run_dir: str, every: int | None, last: int | None, steps_range: str | None) -> tuple[str, ...]:
+    from driftmerge.rundirs import discover, select
+
+    found = discover(run_dir)
+    took = select(found, every, last, steps_range)
+    steps = ", ".join(str(f.step) for f in took)
+    click.echo(f"run folder {run_dir}: took {len(took)} of {len(found)} checkpoints, steps {steps}", err=True)
+    return tuple(str(f.path) for f in took)
 
 
 def print_summary(result: ExtractResult, next_hint: bool = True) -> None:
