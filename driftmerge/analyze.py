@@ -17,7 +17,7 @@ import torch
 from driftmerge.adapter import META, read_adapter
 from driftmerge.analysis import TensorStats, layer_of, module_type, tensor_stats
 from driftmerge.architecture import describe
-from driftmerge.checkpoints import Checkpoint, check_compatible, resolve_steps
+from driftmerge.checkpoints import open_run
 from driftmerge.errors import InputError
 from driftmerge.extract import raise_not_finite, resolve_device
 from driftmerge.outputs import atomic_output_dir, check_output_dir
@@ -77,11 +77,7 @@ def analyze(
     if not checkpoints:
         raise InputError("give at least one checkpoint after the base (or an adapter folder alone)")
     device = resolve_device(opts.device)
-    base_ck = Checkpoint(base)
-    cks = [Checkpoint(p) for p in checkpoints]
-    steps, order, _ = resolve_steps([c.path for c in cks], opts.steps, opts.base_step)
-    cks = [cks[i] for i in order]
-    check_compatible(base_ck, cks)
+    base_ck, cks, steps, _ = open_run(base, checkpoints, opts.steps, opts.base_step)
     out_dir = Path(out_dir)
     inputs = [base_ck.path, *(c.path for c in cks)]
     check_output_dir(out_dir, inputs, overwrite)

@@ -247,6 +247,21 @@ def check_compatible(base: Checkpoint, checkpoints: Sequence[Checkpoint]) -> Non
                 )
 
 
+def open_run(
+    base: str | Path, checkpoints: Sequence[str | Path], steps: Sequence[int] | None, base_step: int
+) -> tuple[Checkpoint, list[Checkpoint], list[int], str]:
+    """Open a base and its checkpoints, order the checkpoints by step and check they match the base.
+
+    Returns (base, checkpoints in step order, their steps, where the steps came from).
+    """
+    base_ck = Checkpoint(base)
+    cks = [Checkpoint(p) for p in checkpoints]
+    found, order, source = resolve_steps([c.path for c in cks], steps, base_step)
+    cks = [cks[i] for i in order]
+    check_compatible(base_ck, cks)
+    return base_ck, cks, found, source
+
+
 # ---- steps ---------------------------------------------------------------------------------------------------
 _TRAILING_INT = re.compile(r"(\d+)$")
 _WRAPPER_DIRS = {"huggingface", "hf", "actor"}  # verl: global_step_N/actor/huggingface

@@ -26,7 +26,7 @@ from driftmerge import __version__
 from driftmerge.adapter import FORMAT_VERSION, LoraModule, peft_config, write_adapter
 from driftmerge.architecture import Architecture, describe
 from driftmerge.cards import adapter_card
-from driftmerge.checkpoints import Checkpoint, check_compatible, resolve_steps
+from driftmerge.checkpoints import Checkpoint, open_run
 from driftmerge.errors import InputError
 from driftmerge.lowrank import SVD_METHODS, Factor, factorize, matrix_seed
 from driftmerge.outputs import atomic_output_dir, check_output_dir
@@ -135,11 +135,7 @@ def extract(
         raise InputError("give at least one checkpoint after the base")
     device = resolve_device(opts.device)
     factor_dtype = resolve_factor_dtype(opts.factor_dtype, device)
-    base_ck = Checkpoint(base)
-    cks = [Checkpoint(p) for p in checkpoints]
-    steps, order, source = resolve_steps([c.path for c in cks], opts.steps, opts.base_step)
-    cks = [cks[i] for i in order]
-    check_compatible(base_ck, cks)
+    base_ck, cks, steps, source = open_run(base, checkpoints, opts.steps, opts.base_step)
     out_dir = Path(out_dir)
     inputs = [base_ck.path, *(c.path for c in cks)]
     check_output_dir(out_dir, inputs, overwrite)  # fail before the long pass, not after it
