@@ -10,6 +10,17 @@ from driftmerge.synthetic import SyntheticRun, make_run
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_network() -> None:
+    """No test reaches the real Hub: offline mode for this process and its children (``fake_hub`` lifts it)."""
+    import huggingface_hub.constants as hf
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setattr(hf, "HF_HUB_OFFLINE", True)
+        yield
+
+
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SyntheticRun]:
     """One read-only planted run per architecture: 3 checkpoints, a little noise."""
