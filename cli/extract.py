@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import click
 from driftmerge_cli.common import RankType, SizeType, StepsType, command_line, human_bytes, progress_bar
+from driftmerge_cli.push import check_push_target, push_after, push_option
 
 if TYPE_CHECKING:  # the library (torch) loads when a command runs, so --help stays instant
     from driftmerge.extract import ExtractResult
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # the library (torch) loads when a command runs, so --help st
     "largest tensor. Changes speed, never the result.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
+@push_option
 def extract_cmd(
     base: str,
     checkpoints: tuple[str, ...],
@@ -75,6 +77,8 @@ def extract_cmd(
     every: int | None,
     last: int | None,
     steps_range: str | None,
+    push_to_hub: str | None,
+    hub_private: bool,
     **opts: object,
 ) -> None:
     """Fit the linear drift from BASE through CHECKPOINT... (or the checkpoints of --run-dir) and store it as a PEFT
@@ -90,9 +94,11 @@ def extract_cmd(
     elif not checkpoints:
         raise click.UsageError("give at least one CHECKPOINT after BASE, or --run-dir")
     options = ExtractOptions(**opts)  # type: ignore[arg-type]
+    check_push_target(push_to_hub)
     with progress_bar("extract") as progress:
         result = extract(base, list(checkpoints), out, options, overwrite, progress, command_line())
     print_summary(result)
+    push_after(result.out_dir, push_to_hub, hub_private)
 
 
 def _from_run_dir(run_dir: str, every: int | None, last: int | None, steps_range: str | None) -> tuple[str, ...]:

@@ -21,8 +21,9 @@ from safetensors.torch import save_file
 
 from driftmerge.adapter import Adapter, peft_config, read_adapter, write_adapter
 from driftmerge.cards import adapter_card, model_card
-from driftmerge.checkpoints import Checkpoint
+from driftmerge.checkpoints import Checkpoint, open_ref
 from driftmerge.errors import InputError
+from driftmerge.hub import base_license, resolve, resolve_recorded
 from driftmerge.memory import parse_size
 from driftmerge.outputs import atomic_output_dir, check_output_dir
 
@@ -81,7 +82,8 @@ def apply_drift(
     """Write the model (or scaled adapter) at ``scale`` (or at step ``step``) along the drift."""
     if (scale is None) == (step is None):
         raise InputError("give exactly one of --scale or --step")
-    adapter_dir = Path(adapter_dir)
+    adapter_ref = str(adapter_dir)
+    adapter_dir = resolve(adapter_dir, "adapter").path
     adapter = read_adapter(adapter_dir)
     meta = adapter.meta
     if step is not None:
@@ -97,7 +99,7 @@ def apply_drift(
     if dtype != "auto" and dtype not in OUT_DTYPES:
         raise InputError(f"--dtype must be auto or one of {', '.join(OUT_DTYPES)}, got {dtype!r}")
     shard_limit = parse_size(max_shard_size, "--max-shard-size")
-    base_ck = Checkpoint(base if base is not None else meta["base"]["ref"])
+    base_ck = open_ref(base) if base is not None else open_ref("", resolve_recorded(meta["base"]))
     check_matches_base(adapter, base_ck)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, [base_ck.path, adapter_dir], overwrite)
@@ -122,7 +124,8 @@ def apply_drift(
                 progress(done, len(names), name)
         shards, written = writer.finish()
         _copy_side_files(base_ck.path, tmp, dtype if out_dtype is not None else None)
-        (tmp / "README.md").write_text(model_card(str(base_ck.path), str(adapter_dir), meta, scale, step, command))
+        base_info = {"ref": str(base_ck.path), "hub": base_ck.hub, "license": base_license(base_ck.path)}
+        (tmp / "README.md").write_text(model_card(base_info, adapter_ref, meta, scale, step, command))
     return ApplyResult(out_dir, scale, step, changed, len(names), shards, written)
 
 

@@ -9,23 +9,57 @@ from typing import Any
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+TAGS = ["driftmerge", "rlvr"]
+
+
 def hub_id_or_none(ref: str) -> str | None:
     """``ref`` when it reads as a Hub repo id (``org/name``) and is not a local path; else None."""
     return ref if _HUB_ID.match(ref) and not Path(ref).exists() else None
 
 
-def _card(data: dict[str, Any], body: str) -> str:
+def card_data(base: dict[str, Any], library_name: str | None, tags: list[str]) -> dict[str, Any]:
+    """``ModelCardData`` fields: the base's Hub id as ``base_model`` and its license, when known."""
+    hub = base.get("hub") or {}
+    data: dict[str, Any] = {"base_model": hub.get("repo_id") or hub_id_or_none(base.get("ref", ""))}
+    if base.get("license"):
+        data["license"] = base["license"]
+    if library_name:
+        data["library_name"] = library_name
+    data["tags"] = tags
+    return data
+
+
+def render(data: dict[str, Any], body: str) -> str:
     """A model card: ``data`` (``ModelCardData`` fields) as YAML front matter, then ``body``."""
     from huggingface_hub import ModelCard, ModelCardData  # imported here: it costs a quarter second at start-up
 
-    return str(ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n\n{body}"))
+    fields = {k: v for k, v in data.items() if v is not None}
+    return str(ModelCard(f"---\n{ModelCardData(**fields).to_yaml()}\n---\n\n{body}"))
+
+
+def _ref_text(entry: dict[str, Any]) -> str:
+    """An input as a reader can find it: ``org/name@commit`` for a Hub input, else its path."""
+    hub = entry.get("hub")
+    return f"{hub['repo_id']}@{hub['commit'][:12]}" if hub else entry["ref"]
+
+
+def drift_facts(meta: dict[str, Any], summary: dict[str, Any]) -> str:
+    """The bullet list both cards share: inputs, steps, fit, ranks, kept energy, linearity."""
+    steps = ", ".join(str(c["step"]) for c in meta["checkpoints"])
+    hub_cks = [c for c in meta["checkpoints"] if c.get("hub")]
+    from_hub = "".join(f"\n  - step {c['step']}: `{_ref_text(c)}`" for c in hub_cks)
+    kept, share = f"{summary['energy_kept']:.4f}", f"{100 * summary['extras_share']:.2f} %"
+    return f"""- base: `{_ref_text(meta["base"])}` (step {meta["base_step"]})
+- checkpoints: steps {steps}; reference step (scale 1) {meta["s_ref"]}{from_hub}
+- fit: `{meta["fit"]}`; factorization: `{meta["svd"]}` (seed {meta["seed"]}); rank rule: {meta["rank_rule"]}
+- LoRA modules: {summary["lora_tensors"]}, {_ranks(summary)}; drift energy kept by the factors: {kept}
+- linearity: median R² of the fitted line over the tensors: {_fmt(summary["median_r2"])}
+- outside PEFT: {summary["extras_tensors"]} full-rank tensors (norms, biases), {share} of the drift energy"""
 
 
 def adapter_card(meta: dict[str, Any], summary: dict[str, Any]) -> str:
     """Card for an extracted (or scaled) adapter folder."""
-    base = meta["base"]["ref"]
-    data = {"base_model": hub_id_or_none(base), "library_name": "peft", "tags": ["driftmerge", "lora", "rlvr"]}
-    steps = ", ".join(str(c["step"]) for c in meta["checkpoints"])
+    data = card_data(meta["base"], "peft", [*TAGS, "lora"])
     scale = meta.get("scale")
     scaled = f"\nThe scale **{scale}** is baked into `lora_alpha` and the extras.\n" if scale is not None else ""
     body = f"""# driftmerge drift adapter
@@ -33,12 +67,7 @@ def adapter_card(meta: dict[str, Any], summary: dict[str, Any]) -> str:
 The linear weight drift of an RLVR run, fitted across the base and its checkpoints and stored as a
 {_rank_text(meta["rank_rule"])} LoRA adapter by [driftmerge](https://pypi.org/project/driftmerge/).
 {scaled}
-- base: `{base}` (step {meta["base_step"]})
-- checkpoints: steps {steps}; reference step (scale 1) {meta["s_ref"]}
-- fit: `{meta["fit"]}`; factorization: `{meta["svd"]}` (seed {meta["seed"]})
-- LoRA modules: {summary["lora_tensors"]}, {_ranks(summary)}; drift energy kept by the factors:
-  {summary["energy_kept"]:.4f}
-- median linearity R²: {_fmt(summary["median_r2"])}
+{drift_facts(meta, summary)}
 
 **PEFT sees only part of the drift.** `drift_extras.safetensors` holds the full-rank drift of
 {summary["extras_tensors"]} tensors PEFT cannot scale (norms, biases, other 1-D tensors):
@@ -47,7 +76,7 @@ The linear weight drift of an RLVR run, fitted across the base and its checkpoin
 ## Use
 
 ```
-driftmerge apply {{this folder}} --scale 1.5 -o extrapolated-model   # W = W0 + 1.5 · drift
+driftmerge apply {{this folder or repo}} --scale 1.5 -o extrapolated-model   # W = W0 + 1.5 · drift
 ```
 
 ```python
@@ -61,22 +90,21 @@ model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")  # scale 1
 {meta.get("command") or "driftmerge (library call)"}
 ```
 """
-    return _card(data, body)
+    return render(data, body)
 
 
 def model_card(
-    base_ref: str, adapter_ref: str, adapter_meta: dict[str, Any], scale: float, step: float, command: str | None
+    base: dict[str, Any], adapter_ref: str, adapter_meta: dict[str, Any], scale: float, step: float, command: str | None
 ) -> str:
-    """Card for a model written by ``driftmerge apply``."""
-    data = {"base_model": hub_id_or_none(base_ref), "tags": ["driftmerge", "rlvr", "extrapolation"]}
+    """Card for a model written by ``driftmerge apply``; ``base`` = {"ref", "hub", "license"} of the base used."""
+    data = card_data(base, None, [*TAGS, "extrapolation"])
     body = f"""# driftmerge model at scale {scale:g}
 
 `W = W0 + {scale:g} · drift`, made by [driftmerge](https://pypi.org/project/driftmerge/) from the base
-`{base_ref}` and the drift adapter `{adapter_ref}`.
+`{_ref_text(base)}` and the drift adapter `{adapter_ref}`.
 
-- scale: {scale:g}, i.e. step {step:g} (scale 1 = the reference checkpoint at step {adapter_meta["s_ref"]})
-- drift fit: `{adapter_meta["fit"]}` over steps {", ".join(str(c["step"]) for c in adapter_meta["checkpoints"])}
-- rank rule: {adapter_meta["rank_rule"]}
+- scale: **{scale:g}**, i.e. step {step:g} (scale 1 = the reference checkpoint at step {adapter_meta["s_ref"]})
+{drift_facts(adapter_meta, adapter_meta["summary"])}
 
 A scale above 1 extrapolates beyond the last checkpoint: evaluate it before you rely on it.
 
@@ -86,7 +114,29 @@ A scale above 1 extrapolates beyond the last checkpoint: evaluate it before you 
 {command or "driftmerge (library call)"}
 ```
 """
-    return _card(data, body)
+    return render(data, body)
+
+
+def analysis_section(report: dict[str, Any], figures: list[str]) -> str:
+    """A card section from a ``driftmerge analyze`` report (``report.json``) and its figures' repo paths."""
+    model = report.get("model") or {}
+    rows = [
+        ("pooled R² of the line", model.get("r2")),
+        ("median per-element R²", model.get("elem_r2_median")),
+        ("share of elements with R² above the threshold", model.get("elem_r2_share_above")),
+        ("rank-1 share of the drift energy", model.get("energy_rank1")),
+    ]
+    table = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in rows)
+    pics = "\n\n".join(f"![{Path(f).stem}]({f})" for f in figures)
+    return f"""
+## Analysis (`driftmerge analyze`)
+
+| whole model | value |
+|---|---|
+{table}
+
+{pics}
+"""
 
 
 def _ranks(summary: dict[str, Any]) -> str:

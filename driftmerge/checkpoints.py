@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 
 from driftmerge.errors import InputError
+from driftmerge.hub import Resolved, resolve
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -77,6 +78,8 @@ class Checkpoint:
         self._handles: dict[str, Any] = {}
         self._read_through: dict[str, int] = {}  # bytes read through each open handle
         self.release_after = self.RELEASE_AFTER
+        self.hub: dict[str, Any] | None = None  # {"repo_id", "revision", "commit"} when it came from the Hub
+        self.label = str(self.path)  # what its step is read from
         self.infos: dict[str, TensorInfo] = {}
         for fname, names in files.items():
             self._index_file(fname, names)
@@ -252,14 +255,23 @@ def open_run(
 ) -> tuple[Checkpoint, list[Checkpoint], list[int], str]:
     """Open a base and its checkpoints, order the checkpoints by step and check they match the base.
 
-    Returns (base, checkpoints in step order, their steps, where the steps came from).
+    Any of them may be a Hub reference (``org/name[@rev]``, see :mod:`driftmerge.hub`). Returns (base, checkpoints
+    in step order, their steps, where the steps came from).
     """
-    base_ck = Checkpoint(base)
-    cks = [Checkpoint(p) for p in checkpoints]
-    found, order, source = resolve_steps([c.path for c in cks], steps, base_step)
+    base_ck = open_ref(base)
+    cks = [open_ref(p) for p in checkpoints]
+    found, order, source = resolve_steps([c.label for c in cks], steps, base_step)
     cks = [cks[i] for i in order]
     check_compatible(base_ck, cks)
     return base_ck, cks, found, source
+
+
+def open_ref(ref: str | Path, resolved: Resolved | None = None) -> Checkpoint:
+    """A :class:`Checkpoint` for a local folder or a Hub reference, which it remembers as ``.hub``."""
+    r = resolved or resolve(ref)
+    ck = Checkpoint(r.path)
+    ck.hub, ck.label = r.hub, r.label
+    return ck
 
 
 # ---- steps ---------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from driftmerge.architecture import Architecture, describe
 from driftmerge.cards import adapter_card
 from driftmerge.checkpoints import Checkpoint, open_run
 from driftmerge.errors import InputError
+from driftmerge.hub import base_license
 from driftmerge.lowrank import SVD_METHODS, Factor, factorize, matrix_seed
 from driftmerge.outputs import atomic_output_dir, check_output_dir
 from driftmerge.stream import stream_deltas
@@ -191,7 +192,8 @@ def extract(
     meta = _meta(base_ck, cks, steps, source, opts, device, factor_dtype, arch, records, command)
     summary = _summary(records, base_ck, cks)
     meta["summary"] = summary
-    config = peft_config(modules, str(base_ck.path.absolute()), arch.fan_in_fan_out)
+    base_name = base_ck.hub["repo_id"] if base_ck.hub else str(base_ck.path.absolute())  # where PEFT finds the base
+    config = peft_config(modules, base_name, arch.fan_in_fan_out)
     with atomic_output_dir(out_dir, inputs, overwrite) as tmp:
         write_adapter(tmp, modules, extras, meta, config, adapter_card(meta, summary))
         summary["adapter_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
@@ -340,8 +342,12 @@ def _meta(
             "step": opts.base_step,
             "signature": base.signature(),
             "probe": base.probe(),
+            "license": base_license(base.path),
+            **_hub_entry(base),
         },
-        "checkpoints": [{"ref": str(c.path.absolute()), "step": s} for c, s in zip(cks, steps, strict=True)],
+        "checkpoints": [
+            {"ref": str(c.path.absolute()), "step": s, **_hub_entry(c)} for c, s in zip(cks, steps, strict=True)
+        ],
         "steps_source": source,
         "base_step": opts.base_step,
         "s_ref": steps[-1],
@@ -364,6 +370,11 @@ def _meta(
         "command": command,
         "tensors": records,
     }
+
+
+def _hub_entry(ck: Checkpoint) -> dict[str, Any]:
+    """``{"hub": {repo_id, revision, commit}}`` for an input fetched from the Hub, else nothing."""
+    return {"hub": ck.hub} if ck.hub else {}
 
 
 def _summary(records: dict[str, dict[str, Any]], base: Checkpoint, cks: list[Checkpoint]) -> dict[str, Any]:

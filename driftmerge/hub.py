@@ -1,0 +1,170 @@
+"""Model references on the Hugging Face Hub: ``org/name`` or ``org/name@revision`` as inputs.
+
+A reference that is not an existing local path and reads as a repo id is fetched with
+``huggingface_hub.snapshot_download`` into the usual Hugging Face cache, restricted to the top-level weight, config
+and tokenizer files (safetensors when the repo has them, else ``pytorch_model*.bin``). ``HF_TOKEN`` / ``hf auth
+login``, ``HF_ENDPOINT``, ``HF_HOME`` / ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1`` work as everywhere else in the
+Hugging Face stack: offline, a reference resolves from the cache or fails with one line saying so.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from driftmerge.errors import InputError
+
+# org/name with an optional @revision (a branch, a tag, a commit, refs/pr/N)
+_HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w./-]+))?$")
+_COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
+
+SIDE_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",  # sentencepiece
+    "chat_template.*",
+    "preprocessor_config.json",
+    "README.md",  # the card: license and base model for ours
+]
+SAFETENSORS_FILES = ["*.safetensors", "model.safetensors.index.json"]
+BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+ADAPTER_FILES = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "drift_extras.safetensors",
+    "driftmerge.json",
+    "README.md",
+]
+_NESTED = ["*/*"]  # fnmatch's * crosses '/': this keeps to the repo's top level (no onnx/, original/ copies)
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo_id: str
+    revision: str | None  # as the user gave it; None = the default branch
+
+    def __str__(self) -> str:
+        return self.repo_id if self.revision is None else f"{self.repo_id}@{self.revision}"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A model reference made local: ``path`` to read, ``hub`` to record (None for a local folder)."""
+
+    path: Path
+    ref: str  # as given
+    hub: dict[str, Any] | None = None  # {"repo_id", "revision", "commit"}
+
+    @property
+    def label(self) -> str:
+        """What step numbers are read from: the folder, or for a Hub ref its revision (else its repo name)."""
+        if self.hub is None:
+            return str(self.path)
+        rev = self.hub["revision"]
+        if rev is None or _COMMIT.match(rev):  # a commit's hex digits are not a step
+            return self.hub["repo_id"]
+        return f"{self.hub['repo_id']}/{rev.replace('/', '-')}"
+
+
+def parse_hub_ref(ref: str) -> HubRef | None:
+    """``org/name[@rev]`` as a :class:`HubRef` when ``ref`` is not an existing local path; else None."""
+    if Path(ref).exists():
+        return None
+    m = _HUB_REF.match(ref)
+    if m is None:
+        return None
+    return HubRef(m.group("repo"), m.group("rev"))
+
+
+def resolve(ref: str | Path, kind: str = "model") -> Resolved:
+    """A local folder as is; a Hub reference downloaded (or found in the cache). ``kind``: model | adapter."""
+    ref_s = str(ref)
+    hub = parse_hub_ref(ref_s) if not isinstance(ref, Path) else None
+    if hub is None:
+        return Resolved(Path(ref_s), ref_s)
+    if kind == "adapter":
+        path = _download(hub, ADAPTER_FILES)
+    else:
+        path = _download(hub, SAFETENSORS_FILES + SIDE_FILES)
+        if not any(path.glob("*.safetensors")):  # an older repo: its weights are pickled
+            path = _download(hub, BIN_FILES + SIDE_FILES)
+    return Resolved(path, ref_s, {"repo_id": hub.repo_id, "revision": hub.revision, "commit": path.name})
+
+
+def resolve_recorded(record: dict[str, Any], kind: str = "model") -> Resolved:
+    """The input a ``driftmerge.json`` entry names: its local path while it exists, else its Hub repo at the commit."""
+    path = Path(record["ref"])
+    hub = record.get("hub")
+    if path.exists() or not hub:
+        return Resolved(path, record["ref"], hub)
+    r = resolve(f"{hub['repo_id']}@{hub['commit']}", kind)
+    return Resolved(r.path, r.ref, {**hub, "commit": r.hub["commit"] if r.hub else hub["commit"]})
+
+
+def _download(ref: HubRef, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    try:
+        return Path(
+            snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, ignore_patterns=_NESTED)
+        )
+    except GatedRepoError as exc:
+        raise InputError(f"{ref}: a gated repo; accept its conditions on its Hub page, then {login}") from exc
+    except RepositoryNotFoundError as exc:
+        raise InputError(
+            f"{ref}: no such local folder, and no Hub repo {ref.repo_id} this token can see "
+            f"(check the name; for a private repo, {login})"
+        ) from exc
+    except RevisionNotFoundError as exc:
+        raise InputError(f"{ref}: the Hub repo {ref.repo_id} has no revision {ref.revision!r}") from exc
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        raise InputError(
+            f"{ref}: not in the local Hugging Face cache, and the Hub is not reachable (HF_HUB_OFFLINE=1, or no "
+            "network); fetch it once online, or give a local folder"
+        ) from exc
+    except HfHubHTTPError as exc:
+        raise InputError(f"{ref}: the Hub answered {_first_line(exc)}") from exc
+    except ValueError as exc:  # HFValidationError: not a valid repo id after all
+        raise InputError(f"{ref}: no such file or folder (nor a valid Hub repo id: {_first_line(exc)})") from exc
+    except OSError as exc:  # connection refused, DNS, disk
+        raise InputError(f"{ref}: could not fetch it from the Hub ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def card_metadata(folder: Path) -> dict[str, Any]:
+    """The YAML front matter of ``folder/README.md`` (a model card), or {} when there is none or it is unreadable."""
+    card = folder / "README.md"
+    if not card.is_file():
+        return {}
+    from huggingface_hub import metadata_load
+
+    try:
+        return metadata_load(card) or {}
+    except Exception:  # a card we only read for the license: a malformed one is the base author's, not an error
+        return {}
+
+
+def base_license(folder: Path) -> str | None:
+    """The ``license`` its model card declares, to carry over to what is derived from it."""
+    lic = card_metadata(folder).get("license")
+    return lic if isinstance(lic, str) else None
