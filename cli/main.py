@@ -11,6 +11,7 @@ from driftmerge_cli.apply import apply_cmd
 from driftmerge_cli.demo import demo_cmd
 from driftmerge_cli.extract import extract_cmd
 from driftmerge_cli.push import push_cmd
+from driftmerge_cli.run import run_cmd
 
 from driftmerge import __version__
 from driftmerge.errors import DriftmergeError
@@ -35,6 +36,7 @@ cli.add_command(apply_cmd)
 cli.add_command(demo_cmd)
 cli.add_command(analyze_cmd)
 cli.add_command(push_cmd)
+cli.add_command(run_cmd)
 
 
 def main() -> None:
