@@ -9,6 +9,7 @@ import click
 from driftmerge_cli.analyze import analyze_cmd
 from driftmerge_cli.apply import apply_cmd
 from driftmerge_cli.demo import demo_cmd
+from driftmerge_cli.export_mergekit import export_mergekit_cmd
 from driftmerge_cli.extract import extract_cmd
 from driftmerge_cli.push import push_cmd
 from driftmerge_cli.run import run_cmd
@@ -35,6 +36,7 @@ cli.add_command(extract_cmd)
 cli.add_command(apply_cmd)
 cli.add_command(demo_cmd)
 cli.add_command(analyze_cmd)
+cli.add_command(export_mergekit_cmd)
 cli.add_command(push_cmd)
 cli.add_command(run_cmd)
 
