@@ -256,3 +256,20 @@ def test_push_to_hub_on_extract_and_apply_with_analysis(hub_run, fake_hub, cli, 
     assert data["base_model"] == BASE and data["license"] == "mit" and "extrapolation" in data["tags"]
     assert "scale: **1.25**" in files["README.md"].decode()
     assert load_weights(tmp_path / "m")  # the local folder stays complete
+
+
+def test_a_recipe_with_hub_inputs_and_a_push(hub_run, fake_hub, cli, tmp_path, monkeypatch):
+    run = hub_run
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "r.yaml").write_text(
+        f"extract:\n  base: {BASE}\n  checkpoints: [{RL}@step-100, {RL}@step-200, {RL}@step-300]\n  output: drift\n"
+        "apply:\n  scale: 1.5\n  output: model\npush:\n  repo_id: alice/x1.5\n  private: true\n"
+    )
+    code, out, err = cli("run", "r.yaml")
+    assert code == 0, err
+    assert "pushed model" in out
+    files = fake_hub.files("alice/x1.5")
+    assert files["model.safetensors"] == (tmp_path / "model" / "model.safetensors").read_bytes()
+    assert cli("extract", run.base, *run.checkpoints, "-o", "local")[0] == 0
+    assert cli("apply", "local", "--scale", "1.5", "-o", "local-model")[0] == 0
+    _same_files(tmp_path / "model", tmp_path / "local-model", ["model.safetensors"])
