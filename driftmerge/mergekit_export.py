@@ -21,10 +21,8 @@ Everything here but :func:`export_mergekit` (read the adapter, check, write one 
 from __future__ import annotations
 
 import math
-import os
 import shlex
 import textwrap
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from driftmerge.adapter import Adapter, read_adapter
 from driftmerge.apply import check_matches_base, scale_for_step, step_for_scale
 from driftmerge.checkpoints import Checkpoint, check_compatible
 from driftmerge.errors import InputError, OutputError
+from driftmerge.outputs import check_output_file, write_text_atomic
 
 VIAS = ("checkpoints", "lora")
 DTYPES = ("bfloat16", "float16", "float32")
@@ -202,7 +201,7 @@ def export_mergekit(
     if dtype != "auto" and dtype not in DTYPES:
         raise InputError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     out_file = Path(out_file).absolute()
-    _check_output_file(out_file, overwrite)
+    check_output_file(out_file, overwrite)
     adapter_path = Path(adapter_dir).absolute()
     adapter = read_adapter(adapter_path)
     meta = adapter.meta
@@ -217,7 +216,7 @@ def export_mergekit(
     out_dtype = dtype if dtype != "auto" else (meta.get("storage_dtype") or "float32")
     config = build_config(meta, scale, via, str(adapter_path), str(inputs[0]), out_dtype)
     comments = header(meta, str(adapter_path), scale, step, via, out_file, command)
-    write_text_atomic(out_file, render_yaml(config, comments), overwrite)
+    write_text_atomic(out_file, render_yaml(config, comments), overwrite, "the config")
     models = [(_display(m["model"]), m["parameters"]["weight"]) for m in config["models"]]
     return ExportResult(out_file, via, scale, step, models, fidelity_notes(meta, via), mergekit_command(out_file, via))
 
@@ -227,13 +226,6 @@ def _display(ref: str | dict[str, Any]) -> str:
     if isinstance(ref, str):
         return ref
     return ref["model"]["path"] + (f"+{ref['lora']['path']}" if "lora" in ref else "")
-
-
-def _check_output_file(target: Path, overwrite: bool) -> None:
-    if target.is_dir():
-        raise OutputError(f"{target}: is a folder; give a file name for the mergekit config with -o")
-    if target.exists() and not overwrite:
-        raise OutputError(f"{target}: already exists; pass --overwrite to replace it")
 
 
 def _check_not_inside(target: Path, inputs: list[Path]) -> None:
@@ -276,20 +268,3 @@ def _folder(ref: str, what: str) -> str:
         hint = "pass --base PATH" if what == "base" else "restore it, or pass --via lora to merge the adapter instead"
         raise InputError(f"{ref}: the recorded {what} folder is not there; {hint}")
     return ref
-
-
-def write_text_atomic(target: Path, text: str, overwrite: bool) -> None:
-    """Write ``text`` to a temporary sibling and rename it over ``target`` (never a half-written file)."""
-    _check_output_file(target, overwrite)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"{target}: cannot write the config ({exc.strerror or exc})") from exc
-        raise

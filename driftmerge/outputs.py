@@ -120,3 +120,28 @@ def _running(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def check_output_file(target: Path, overwrite: bool) -> None:
+    """An output *file* may not be a folder, nor exist unless ``overwrite``."""
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder; give a file name with -o")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists; pass --overwrite to replace it")
+
+
+def write_text_atomic(target: Path, text: str, overwrite: bool, what: str = "the file") -> None:
+    """Write ``text`` to a temporary sibling and rename it over ``target`` (never a half-written file)."""
+    check_output_file(target, overwrite)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise OutputError(f"{target}: cannot write {what} ({exc.strerror or exc})") from exc
+        raise
