@@ -83,8 +83,7 @@ def apply_drift(
     if (scale is None) == (step is None):
         raise InputError("give exactly one of --scale or --step")
     adapter_ref = str(adapter_dir)
-    adapter_dir = resolve(adapter_dir, "adapter").path
-    adapter = read_adapter(adapter_dir)
+    adapter_dir, adapter = open_adapter(adapter_dir)
     meta = adapter.meta
     if step is not None:
         scale = scale_for_step(step, meta)
@@ -99,13 +98,12 @@ def apply_drift(
     if dtype != "auto" and dtype not in OUT_DTYPES:
         raise InputError(f"--dtype must be auto or one of {', '.join(OUT_DTYPES)}, got {dtype!r}")
     shard_limit = parse_size(max_shard_size, "--max-shard-size")
-    base_ck = open_ref(base) if base is not None else open_ref("", resolve_recorded(meta["base"]))
-    check_matches_base(adapter, base_ck)
+    base_ck = open_base(adapter, base)
     out_dir = Path(out_dir)
     check_output_dir(out_dir, [base_ck.path, adapter_dir], overwrite)
     out_dtype = OUT_DTYPES.get(dtype)
 
-    deltas = _delta_sources(adapter)  # tensor name -> callable giving the float32 drift
+    deltas = delta_sources(adapter)  # tensor name -> callable giving the float32 drift
     names = list(base_ck.infos)  # file order, so shards read sequentially
     changed = written = 0
     with atomic_output_dir(out_dir, [base_ck.path, adapter_dir], overwrite) as tmp:
@@ -115,7 +113,7 @@ def apply_drift(
             target_dtype = out_dtype if (out_dtype is not None and w0.dtype.is_floating_point) else w0.dtype
             source = deltas.get(name)
             if source is not None:
-                w = (w0.float() + scale * source()).to(target_dtype)  # W0 + scale · drift
+                w = moved(w0, source(), scale, target_dtype)
                 changed += 1
             else:
                 w = w0.to(target_dtype)
@@ -127,6 +125,25 @@ def apply_drift(
         base_info = {"ref": str(base_ck.path), "hub": base_ck.hub, "license": base_license(base_ck.path)}
         (tmp / "README.md").write_text(model_card(base_info, adapter_ref, meta, scale, step, command))
     return ApplyResult(out_dir, scale, step, changed, len(names), shards, written)
+
+
+def open_adapter(ref: str | Path) -> tuple[Path, Adapter]:
+    """An adapter folder, or a Hub adapter repo fetched into the cache: (its local folder, its contents)."""
+    folder = resolve(ref, "adapter").path
+    return folder, read_adapter(folder)
+
+
+def open_base(adapter: Adapter, base: str | Path | None = None) -> Checkpoint:
+    """``base`` (a folder or Hub ref), else the base the adapter records (refetched at its commit when gone),
+    checked against the adapter."""
+    base_ck = open_ref(base) if base is not None else open_ref("", resolve_recorded(adapter.meta["base"]))
+    check_matches_base(adapter, base_ck)
+    return base_ck
+
+
+def moved(w0: torch.Tensor, drift: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``W = W0 + scale · drift`` in float32, stored as ``dtype``: the one formula every writer uses."""
+    return (w0.float() + scale * drift).to(dtype)
 
 
 def check_matches_base(adapter: Adapter, base: Checkpoint) -> None:
@@ -156,7 +173,8 @@ def check_matches_base(adapter: Adapter, base: Checkpoint) -> None:
             )
 
 
-def _delta_sources(adapter: Adapter) -> dict[str, Callable[[], torch.Tensor]]:
+def delta_sources(adapter: Adapter) -> dict[str, Callable[[], torch.Tensor]]:
+    """Tensor name -> a callable giving its float32 drift (``B A`` for LoRA modules, the extras as stored)."""
     out: dict[str, Callable[[], torch.Tensor]] = {}
     for name, mod in adapter.by_tensor.items():
         out[name] = mod.delta

@@ -127,11 +127,11 @@ def markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
         "",
         "## Summary",
         "",
-        *_md_table(summary_rows(report)),
+        *md_table(summary_rows(report)),
         "",
         "## Per layer",
         "",
-        *_md_table(
+        *md_table(
             [["layer", "tensors", "R² pooled", "elem R² median", "rank-1 energy"]]
             + [
                 [k, str(g["tensors"]), _fmt(g["r2"]), _fmt(g["elem_r2_median"]), _fmt(g["energy_rank1"])]
@@ -141,7 +141,7 @@ def markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
         "",
         "## Least linear tensors",
         "",
-        *_md_table(
+        *md_table(
             [["tensor", "R² pooled", "elem R² median", "min step cos"]]
             + [
                 [name, _fmt(e["r2"]), _fmt(e["elem_r2_median"]), _fmt(min(e["step_cosines"], default=None))]
@@ -166,18 +166,19 @@ def markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _md_table(rows: list[list[str]]) -> list[str]:
+def md_table(rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     return out + ["| " + " | ".join(r) + " |" for r in rows[1:]]
 
 
 # ---- figures -----------------------------------------------------------------------------------------------------
-def _pyplot() -> Any:
+def pyplot(command: str = "analyze") -> Any:
+    """matplotlib's pyplot on the Agg backend, or a one-line error naming the extra to install."""
     try:
         import matplotlib
     except ImportError as exc:
         raise DriftmergeError(
-            "analyze draws its figures with matplotlib, which is not installed: pip install 'driftmerge[plot]'"
+            f"{command} draws its figures with matplotlib, which is not installed: pip install 'driftmerge[plot]'"
         ) from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -187,12 +188,12 @@ def _pyplot() -> Any:
 
 def check_plotting() -> None:
     """Fail before the long pass when the figures could not be drawn."""
-    _pyplot()
+    pyplot()
 
 
 def draw_figures(report: dict[str, Any], stats: list[TensorStats], out: Path) -> dict[str, str]:
     """Write the PNG figures into ``out``; return {figure: file name}."""
-    plt = _pyplot()
+    plt = pyplot()
     written: dict[str, str] = {}
     layers = [k for k in report["by_layer"] if k != "other"]
     types = sorted({s.module_type for s in stats if s.layer is not None})
