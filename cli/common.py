@@ -94,3 +94,41 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+class FloatListType(click.ParamType):
+    """``0,0.5,1,1.5``."""
+
+    name = "X1,X2,..."
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, list):
+            return value
+        try:
+            return [float(x) for x in str(value).split(",") if x.strip()]
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
+
+
+def sampling_options(f):  # type: ignore[no-untyped-def]
+    """The generation knobs ``sweep`` and ``generate`` share; the command receives them as keyword arguments."""
+    options = [
+        click.option("--samples", type=int, default=1, show_default=True, help="Completions per prompt."),
+        click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Tokens per completion."),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy decoding."),
+        click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling share."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seeds the sampling."),
+        click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per generate call."),
+        click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+SAMPLING_KEYS = ("samples", "max_new_tokens", "temperature", "top_p", "seed", "batch_size", "chat")
+
+
+def pop_sampling(kwargs: dict) -> dict:
+    """Take the sampling options out of a command's keyword arguments."""
+    return {k: kwargs.pop(k) for k in SAMPLING_KEYS}

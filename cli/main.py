@@ -11,8 +11,10 @@ from driftmerge_cli.apply import apply_cmd
 from driftmerge_cli.demo import demo_cmd
 from driftmerge_cli.export_mergekit import export_mergekit_cmd
 from driftmerge_cli.extract import extract_cmd
+from driftmerge_cli.generate import generate_cmd
 from driftmerge_cli.push import push_cmd
 from driftmerge_cli.run import run_cmd
+from driftmerge_cli.sweep import sweep_cmd
 
 from driftmerge import __version__
 from driftmerge.errors import DriftmergeError
@@ -39,6 +41,8 @@ cli.add_command(analyze_cmd)
 cli.add_command(export_mergekit_cmd)
 cli.add_command(push_cmd)
 cli.add_command(run_cmd)
+cli.add_command(sweep_cmd)
+cli.add_command(generate_cmd)
 
 
 def main() -> None:

@@ -1,0 +1,68 @@
+"""``driftmerge sweep``: the reward of the model at each scale along the drift, on the user's own task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from driftmerge_cli.apply import print_apply
+from driftmerge_cli.common import FloatListType, command_line, pop_sampling, progress_bar, sampling_options
+
+
+@click.command("sweep")
+@click.argument("adapter", default="driftmerge-adapter", type=click.Path(path_type=str))
+@click.option("--base", help="Base model [default: the one recorded in the adapter].")
+@click.option("--scales", type=FloatListType(), default="0,0.5,1,1.25,1.5,2", show_default=True,
+              help="Scales to score (alphas with --mode logits); 1 = the last checkpoint.")  # fmt: skip
+@click.option("--prompts", type=click.Path(path_type=str), help='JSON lines: {"prompt": ..., "answer": ...}.')
+@click.option("--reward", metavar="NAME|MODULE:FUNCTION",
+              help="exact-number (last number), boxed (\\boxed{...}), or a function (prompt, completion, answer) -> "
+              "float as module:function or file.py:function [default: exact-number].")  # fmt: skip
+@click.option("--eval-cmd", metavar='"CMD {model_dir}"',
+              help="Instead of --prompts/--reward: write each scale's model and run CMD on it; its last output line "
+              'is the reward (a number, or JSON {"reward": r, "se": s}).')  # fmt: skip
+@click.option("--mode", type=click.Choice(["weights", "logits"]), default="weights", show_default=True,
+              help="weights: the model at each scale; logits: z = z_base + alpha (z_1 - z_base).")  # fmt: skip
+@sampling_options
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
+@click.option("-o", "--output", "out", default="driftmerge-sweep", show_default=True, help="Report folder.")
+@click.option("--apply-best", metavar="DIR", help="Also write the model at the best scale into DIR.")
+@click.option("--overwrite", is_flag=True, help="Replace the report folder (and --apply-best's) if they exist.")
+def sweep_cmd(adapter: str, base: str | None, scales: list[float], prompts: str | None, reward: str | None,
+              eval_cmd: str | None, mode: str, device: str, out: str, apply_best: str | None, overwrite: bool,
+              **sampling: object) -> None:  # fmt: skip
+    """Score each scale along the drift in ADAPTER with a verifiable reward and report the best one."""
+    from driftmerge.apply import apply_drift
+    from driftmerge.generation import SamplingOptions
+    from driftmerge.outputs import atomic_output_dir, check_output_dir
+    from driftmerge.report import pyplot
+    from driftmerge.sweep import SweepOptions, run_sweep
+    from driftmerge.sweep_report import text_table, write_outputs
+
+    if reward is None and eval_cmd is None:
+        reward = "exact-number"
+    opts = SweepOptions(scales, mode, reward, eval_cmd, SamplingOptions(**pop_sampling(sampling)), device)  # type: ignore[arg-type]
+    opts.validate()
+    if apply_best is not None and mode != "weights":
+        raise click.UsageError("--apply-best writes a model at a scale: it needs --mode weights")
+    check_output_dir(Path(out), [Path(adapter)], overwrite)  # fail before the long part
+    if apply_best is not None:
+        check_output_dir(Path(apply_best), [Path(adapter)], overwrite)
+    pyplot("sweep")
+    with progress_bar("sweep") as progress:
+        result = run_sweep(adapter, prompts, opts, base, progress)
+    settings = {"adapter": adapter, "base": base, "prompts": prompts, "reward": reward, "eval_cmd": eval_cmd,
+                "sampling": vars(opts.sampling), "device": device, "command": command_line()}  # fmt: skip
+    with atomic_output_dir(out, [Path(adapter)], overwrite) as tmp:
+        write_outputs(result, tmp, settings)
+    best = result.best
+    what = "alpha" if mode == "logits" else "scale"
+    se = "" if best.se is None else f" ± {best.se:.4f}"
+    click.echo(f"{text_table(result)}\n\nbest {what} {best.scale:g} (step {best.step:g}): mean reward {best.mean:.4f}"
+               f"{se}\nwrote {out}: sweep.json, sweep.md, sweep.png" + (", completions.jsonl" if result.completions
+               else ""))  # fmt: skip
+    if apply_best is not None:
+        with progress_bar("apply") as progress:
+            applied = apply_drift(adapter, apply_best, scale=best.scale, base=base, overwrite=overwrite,
+                                  progress=progress, command=command_line())  # fmt: skip
+        print_apply(applied, "model")
