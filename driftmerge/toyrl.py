@@ -1,0 +1,285 @@
+"""A toy RLVR run on a laptop: a tiny causal LM learns multi-digit addition, then GRPO with a 0/1 reward.
+
+Stages (all seeded, CPU, no downloads):
+
+1. build a tiny Llama-shaped model and a character tokenizer (:func:`driftmerge.synthetic.char_tokenizer`);
+2. supervised training on ``"a+b=" -> "c<eos>"`` until greedy accuracy on a held-out set reaches
+   ``sft_target`` (partial accuracy: the room RL needs), saved as ``base/`` (step 0);
+3. ``rl``: GRPO — per step, ``group`` completions for each of ``batch`` prompts sampled at temperature 1, reward
+   1 if the completion's number is the sum else 0, advantage ``A = (r - mean_group) / (std_group + 1e-4)``, loss
+   ``-Σ_i A_i Σ_t log π(y_it) / (batch · group · max_new_tokens)`` (Dr. GRPO's constant normalizer, one update per
+   batch so the PPO ratio is 1, no KL term), Adam; or ``sft``: the control — continued supervised training on the
+   same prompts with the correct answers;
+4. a Hugging Face checkpoint ``checkpoint-<step>/`` every ``save_every`` steps, and ``run.json`` with the reward
+   per step and the held-out accuracy per checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from driftmerge.rewards import exact_number
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    digits: int = 3  # operands have 1..digits digits
+    hidden: int = 64
+    layers: int = 2
+    sft_lr: float = 3e-3
+    sft_batch: int = 64
+    sft_max_steps: int = 3000
+    sft_target: float = 0.35  # stop supervised training at this held-out greedy accuracy
+    rl_lr: float = 3e-4
+    rl_steps: int = 200
+    batch: int = 32  # prompts per RL step
+    group: int = 8  # completions per prompt
+    save_every: int = 25
+    eval_size: int = 256
+    seed: int = 0
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self.digits + 2  # the sum's digits and <eos>
+
+
+# CI and the demo (about 40 s on 2 cores), and the default (a few minutes)
+SMALL = ToyConfig(digits=2, sft_target=0.3, rl_lr=5e-4, batch=64, rl_steps=200, save_every=25)
+DEFAULT = ToyConfig(digits=3, hidden=96, sft_target=0.3, rl_lr=5e-4, batch=64, rl_steps=600, save_every=50)
+
+
+# ---- the task --------------------------------------------------------------------------------------------------------
+def problems(n: int, digits: int, rng: random.Random) -> list[tuple[str, str]]:
+    """``n`` prompts ``"a+b="`` with their answers, operands of 1..digits digits."""
+    out = []
+    for _ in range(n):
+        a, b = (rng.randrange(10 ** rng.randint(1, digits)) for _ in range(2))
+        out.append((f"{a}+{b}=", str(a + b)))
+    return out
+
+
+def reward(completion: str, answer: str) -> float:
+    """1.0 when the completion's number is the sum (the built-in ``exact-number`` reward), else 0.0."""
+    return exact_number("", completion, answer)
+
+
+# ---- model -----------------------------------------------------------------------------------------------------------
+def build(cfg: ToyConfig) -> tuple[Any, Any]:
+    """A fresh tiny Llama and the character tokenizer, seeded."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.utils import logging as hf_logging
+
+    from driftmerge.synthetic import char_tokenizer
+
+    hf_logging.disable_progress_bar()  # "Writing model shards" per checkpoint
+    torch.manual_seed(cfg.seed)
+    tok = char_tokenizer()
+    tok.padding_side = "left"
+    config = LlamaConfig(
+        hidden_size=cfg.hidden, intermediate_size=2 * cfg.hidden, num_hidden_layers=cfg.layers,
+        num_attention_heads=4, num_key_value_heads=2, vocab_size=64, max_position_embeddings=64,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    return AutoModelForCausalLM.from_config(config), tok
+
+
+def save(model: Any, tok: Any, folder: Path) -> None:
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def _teacher_batch(tok: Any, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``prompt + answer + <eos>`` with labels only on the answer and <eos> (-100 elsewhere)."""
+    seqs, labels = [], []
+    for p, a in pairs:
+        pi = tok(p, add_special_tokens=False)["input_ids"]
+        ai = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        seqs.append(pi + ai)
+        labels.append([-100] * len(pi) + ai)
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    lab = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, la) in enumerate(zip(seqs, labels, strict=True)):
+        ids[i, : len(s)], lab[i, : len(la)], mask[i, : len(s)] = torch.tensor(s), torch.tensor(la), 1
+    return ids, mask, lab
+
+
+def sft_step(model: Any, tok: Any, opt: torch.optim.Optimizer, pairs: list[tuple[str, str]]) -> float:
+    """One supervised step (cross-entropy on the answer tokens)."""
+    ids, mask, lab = _teacher_batch(tok, pairs)
+    loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def sample(model: Any, tok: Any, prompts: list[str], n: int, greedy: bool, max_new_tokens: int) -> list[list[str]]:
+    """``n`` completions per prompt (greedy, or temperature 1 sampling from the global generator)."""
+    enc = tok([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True, add_special_tokens=False)
+    knobs = {"do_sample": not greedy, "temperature": None if greedy else 1.0, "top_p": None, "top_k": None}
+    out = model.generate(**enc, **knobs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                         eos_token_id=tok.eos_token_id)  # fmt: skip
+    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+
+def accuracy(model: Any, tok: Any, pairs: list[tuple[str, str]], max_new_tokens: int) -> float:
+    """Greedy accuracy on ``pairs``."""
+    model.eval()
+    got = sample(model, tok, [p for p, _ in pairs], 1, True, max_new_tokens)
+    return sum(reward(g[0], a) for g, (_, a) in zip(got, pairs, strict=True)) / len(pairs)
+
+
+def grpo_step(model: Any, tok: Any, opt: torch.optim.Optimizer, pairs: list[tuple[str, str]], cfg: ToyConfig) -> float:
+    """One GRPO update; returns the batch's mean reward."""
+    model.eval()
+    prompts = [p for p, _ in pairs]
+    comps = sample(model, tok, prompts, cfg.group, False, cfg.max_new_tokens)
+    rewards = torch.tensor([[reward(c, a) for c in cs] for cs, (_, a) in zip(comps, pairs, strict=True)])  # (B, G)
+    adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)  # (B, G)
+    model.train()
+    ids, mask, lab = _teacher_batch(tok, [(p, c) for p, cs in zip(prompts, comps, strict=True) for c in cs])
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B·G, L-1, V)
+    target = lab[:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]  # (B·G, L-1)
+    seq_logp = (logp * (target != -100)).sum(1)  # (B·G,)
+    loss = -(adv.flatten() * seq_logp).sum() / (len(pairs) * cfg.group * cfg.max_new_tokens)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return float(rewards.mean())
+
+
+# ---- the run ---------------------------------------------------------------------------------------------------------
+def supervised_start(cfg: ToyConfig, log: Callable[[str], None] = print) -> tuple[Any, Any, dict[str, Any]]:
+    """Build the model and train it on the task up to ``cfg.sft_target`` held-out accuracy."""
+    model, tok = build(cfg)
+    rng = random.Random(cfg.seed)
+    held_out = problems(cfg.eval_size, cfg.digits, random.Random(10_000 + cfg.seed))
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.sft_lr)
+    acc, step = 0.0, 0
+    for step in range(1, cfg.sft_max_steps + 1):
+        model.train()
+        sft_step(model, tok, opt, problems(cfg.sft_batch, cfg.digits, rng))
+        if step % 25 == 0:
+            acc = accuracy(model, tok, held_out, cfg.max_new_tokens)
+            if acc >= cfg.sft_target:
+                break
+    log(f"supervised start: {step} steps, held-out greedy accuracy {acc:.3f}")
+    return model, tok, {"sft_steps": step, "sft_accuracy": acc, "held_out": held_out}
+
+
+def run(
+    out: str | Path,
+    cfg: ToyConfig = DEFAULT,
+    mode: str = "rl",
+    log: Callable[[str], None] = print,
+    start: tuple[Any, Any, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The whole recipe into ``out``: ``base/``, ``checkpoint-<step>/`` and ``run.json``. ``mode``: rl | sft."""
+    if mode not in ("rl", "sft"):
+        raise ValueError(f"mode must be rl or sft, got {mode!r}")
+    out = Path(out)
+    t0 = time.perf_counter()
+    model, tok, info = start or supervised_start(cfg, log)
+    save(model, tok, out / "base")
+    held_out = info["held_out"]
+    rng = random.Random(1_000 + cfg.seed)
+    torch.manual_seed(2_000 + cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.rl_lr)
+    train_reward, evals = [], [{"step": 0, "accuracy": info["sft_accuracy"]}]
+    for step in range(1, cfg.rl_steps + 1):
+        pairs = problems(cfg.batch, cfg.digits, rng)
+        if mode == "rl":
+            train_reward.append(grpo_step(model, tok, opt, pairs, cfg))
+        else:
+            model.train()
+            sft_step(model, tok, opt, pairs)
+        if step % cfg.save_every == 0:
+            save(model, tok, out / f"checkpoint-{step}")
+            evals.append({"step": step, "accuracy": accuracy(model, tok, held_out, cfg.max_new_tokens)})
+            log(f"{mode} step {step}: held-out accuracy {evals[-1]['accuracy']:.3f}")
+    record = {
+        "config": asdict(cfg),
+        "mode": mode,
+        "sft_steps": info["sft_steps"],
+        "train_reward": train_reward,
+        "evals": evals,
+        "seconds": time.perf_counter() - t0,
+    }
+    (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def config_for(small: bool, seed: int, **overrides: Any) -> ToyConfig:
+    return replace(SMALL if small else DEFAULT, seed=seed, **overrides)
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+# ---- re-grounding (the seed paper's periodic extrapolation) ------------------------------------------------------
+def steps_to_threshold(
+    start: tuple[Any, Any, dict[str, Any]],
+    cfg: ToyConfig,
+    threshold: float,
+    max_steps: int,
+    check_every: int = 10,
+    reground: tuple[int, int] | None = None,
+    snapshots: int = 4,
+) -> dict[str, Any]:
+    """GRPO steps until held-out greedy accuracy reaches ``threshold`` (checked every ``check_every`` steps).
+
+    ``reground=(M, N)``: every M RL steps, fit the least-squares line (``extract``'s lsq fit, full rank) through the
+    window's start and ``snapshots`` evenly spaced snapshots of the window, and jump to where it says the run would
+    be N steps later: ``W = W_start + (M + N) / M · D``; training resumes from there with Adam's moments kept.
+    Jumps cost no RL steps. Returns the steps needed (None when not reached), the jumps and the accuracy curve.
+    """
+    import copy
+
+    from driftmerge.trajectory import LineAccumulator
+
+    model, tok, info = copy.deepcopy(start[0]), start[1], start[2]
+    rng = random.Random(1_000 + cfg.seed)
+    torch.manual_seed(2_000 + cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.rl_lr)
+    params = dict(model.named_parameters())
+    every = reground[0] // snapshots if reground else 0
+
+    def state() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in params.items()}
+
+    window, snaps, jumps, curve = state(), [], 0, []
+    for step in range(1, max_steps + 1):
+        grpo_step(model, tok, opt, problems(cfg.batch, cfg.digits, rng), cfg)
+        if reground:
+            in_window = (step - 1) % reground[0] + 1
+            if in_window % every == 0:
+                snaps.append((in_window, state()))
+            if in_window == reground[0]:
+                t = [float(s) for s, _ in snaps]
+                with torch.no_grad():
+                    for n, p in params.items():
+                        acc = LineAccumulator(t)
+                        for _, snap in snaps:
+                            acc.add(snap[n] - window[n])
+                        p.copy_(window[n] + (sum(reground) / reground[0]) * acc.finish().drift)
+                window, snaps, jumps = state(), [], jumps + 1
+        if step % check_every == 0:
+            curve.append((step, accuracy(model, tok, info["held_out"], cfg.max_new_tokens)))
+            if curve[-1][1] >= threshold:
+                return {"steps": step, "jumps": jumps, "curve": curve}
+    return {"steps": None, "jumps": jumps, "curve": curve}
