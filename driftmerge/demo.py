@@ -1,59 +1,63 @@
-"""The embedded default job: a tiny Llama-shaped run with a planted drift, extracted and extrapolated.
+"""The embedded default job: a real (tiny) RLVR run, extracted at rank 1 and extrapolated to scale 1.5.
 
-The planted truth is known, so the demo can say how far the extrapolated model (scale 1.5, step 450) lies from
-where the planted line says the run would be, compared with the last checkpoint (step 300).
+The run ships with driftmerge (``driftmerge/data/toy-rlvr``, about 2 MB): the base and four GRPO checkpoints of the
+toy recipe (``python recipes/toy-rlvr/run.py --small --seed 0``: a tiny Llama-shaped model learning 2-digit
+addition with a 0/1 reward; see that folder's README.md). The demo fits the drift, writes the model at scale 1.5
+(step 300, 100 steps beyond the last checkpoint) and scores the base, the last checkpoint, the rank-1 model at
+scale 1 and the extrapolated one on the recipe's held-out problems, whatever the outcome.
 """
 
 from __future__ import annotations
 
+import json
+import random
+import shutil
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-import torch
-
 from driftmerge.apply import ApplyResult, apply_drift
-from driftmerge.checkpoints import Checkpoint
 from driftmerge.extract import ExtractOptions, ExtractResult, extract
-from driftmerge.synthetic import SyntheticRun, make_run
 
-DEMO_STEPS = (100, 200, 300)
+DEMO_STEPS = (50, 100, 150, 200)
 DEMO_SCALE = 1.5
+DATA = "toy-rlvr"
 
 
 @dataclass
 class DemoReport:
-    run: SyntheticRun
+    folder: Path
     extracted: ExtractResult
     applied: ApplyResult
-    err_extrapolated: float  # ‖W_apply − W_true(450)‖ / ‖W_true(450) − W0‖ over the planted parameters
-    err_last_checkpoint: float  # the same for the last checkpoint, as the do-nothing baseline
-    logits_shape: tuple[int, ...]
+    accuracy: dict[str, float]  # held-out greedy accuracy: base, last checkpoint, rank-1 at scale 1, at DEMO_SCALE
+    problems: int
+
+
+def copy_run(folder: Path) -> Path:
+    """The shipped toy run, copied to ``folder/run`` (base/, checkpoint-<step>/, run.json)."""
+    src = resources.files("driftmerge") / "data" / DATA
+    with resources.as_file(src) as path:
+        shutil.copytree(path, folder / "run", ignore=shutil.ignore_patterns("README.md"))
+    return folder / "run"
 
 
 def run_demo(folder: str | Path, progress=None) -> DemoReport:  # type: ignore[no-untyped-def]
-    """Build the run under ``folder``, extract at rank 1, apply at scale 1.5, check against the planted truth."""
-    folder = Path(folder)
-    run = make_run(folder / "run", arch="llama", steps=DEMO_STEPS, noise=0.05, hidden=64, layers=2)
-    adapter = folder / "driftmerge-adapter"
-    cmd = "driftmerge extract run/base run/checkpoint-100 run/checkpoint-200 run/checkpoint-300"
-    extracted = extract(run.base, run.checkpoints, adapter, ExtractOptions(rank=1), progress=progress, command=cmd)
-    model_dir = folder / "driftmerge-model"
-    applied = apply_drift(adapter, model_dir, scale=DEMO_SCALE, progress=progress,
-                          command=f"driftmerge apply driftmerge-adapter --scale {DEMO_SCALE}")  # fmt: skip
-    base, out, last = Checkpoint(run.base), Checkpoint(model_dir), Checkpoint(run.checkpoints[-1])
-    num_ext = num_last = den = 0.0
-    for name, direction in run.directions.items():
-        if name not in base.infos:
-            continue
-        truth = base.get(name).float() + DEMO_SCALE * direction
-        num_ext += float((out.get(name).float() - truth).pow(2).sum())
-        num_last += float((last.get(name).float() - truth).pow(2).sum())
-        den += float((DEMO_SCALE * direction).pow(2).sum())
-    from transformers import AutoModelForCausalLM
+    """Copy the run under ``folder``, extract at rank 1, apply at scale 1 and 1.5, score them all."""
+    from driftmerge.models import load_causal_lm, load_tokenizer
+    from driftmerge.toyrl import ToyConfig, accuracy, problems
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    with torch.no_grad():
-        logits = model(torch.arange(8).unsqueeze(0)).logits  # (1, 8, vocab)
-    if not torch.isfinite(logits).all():
-        raise RuntimeError("the applied model produced non-finite logits")
-    return DemoReport(run, extracted, applied, (num_ext / den) ** 0.5, (num_last / den) ** 0.5, tuple(logits.shape))
+    folder = Path(folder)
+    run = copy_run(folder)
+    cfg = ToyConfig(**json.loads((run / "run.json").read_text())["config"])
+    cks = [run / f"checkpoint-{s}" for s in DEMO_STEPS]
+    adapter = folder / "driftmerge-adapter"
+    cmd = "driftmerge extract run/base " + " ".join(f"run/checkpoint-{s}" for s in DEMO_STEPS)
+    extracted = extract(run / "base", cks, adapter, ExtractOptions(rank=1), progress=progress, command=cmd)
+    applied = apply_drift(adapter, folder / "driftmerge-model", scale=DEMO_SCALE, progress=progress,
+                          command=f"driftmerge apply driftmerge-adapter --scale {DEMO_SCALE}")  # fmt: skip
+    at_one = apply_drift(adapter, folder / "model-scale-1", scale=1.0, progress=progress)
+    held_out = problems(cfg.eval_size, cfg.digits, random.Random(10_000 + cfg.seed))  # the recipe's held-out set
+    tok = load_tokenizer(run / "base")
+    models = {"base": run / "base", "last": cks[-1], "rank1": at_one.out_dir, "extrapolated": applied.out_dir}
+    acc = {k: accuracy(load_causal_lm(p), tok, held_out, cfg.max_new_tokens) for k, p in models.items()}
+    return DemoReport(folder, extracted, applied, acc, len(held_out))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,14 @@ def test_extract_and_apply_with_defaults(runs, tmp_path, monkeypatch, cli):
 def test_demo_runs(cli, tmp_path):
     code, out, err = cli("demo", "--keep", tmp_path / "demo")
     assert code == 0, err
-    assert "extrapolated model   relative error" in out and "all finite" in out
+    assert "held-out greedy accuracy on 256 addition problems" in out
+    acc = {}
+    for row in ("base (step 0", "last checkpoint (step 200)", "extrapolated, scale 1.5 (step 300)"):
+        acc[row] = float(next(x for x in out.splitlines() if row in x).split()[-1])
+        assert 0.0 <= acc[row] <= 1.0
+    recorded = json.loads((tmp_path / "demo" / "run" / "run.json").read_text())["evals"]
+    assert acc["base (step 0"] == pytest.approx(recorded[0]["accuracy"], abs=1e-3)  # what the recipe measured
+    assert acc["last checkpoint (step 200)"] == pytest.approx(recorded[-1]["accuracy"], abs=1e-3)
     assert (tmp_path / "demo" / "driftmerge-model" / "config.json").is_file()
 
 

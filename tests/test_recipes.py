@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error, run_cli
 
+from driftmerge.demo import copy_run
 from driftmerge.recipes import MIN_MEMORY, OPTION_KEYS, Recipe, load_recipe, plan, run_recipe
-from driftmerge.synthetic import make_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -130,7 +130,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
     code, out, err = cli("run", ROOT / "recipes" / "extrapolate.yaml", "--dry-run")
     assert code == 0, err
-    assert "driftmerge extract demo-run/run/base demo-run/run/checkpoint-100" in out
+    assert "driftmerge extract demo-run/run/base demo-run/run/checkpoint-50 demo-run/run/checkpoint-100" in out
     assert "driftmerge apply demo-run/extrapolate-adapter --scale 1.5 -o demo-run/extrapolate-model" in out
     assert "nothing was run or written" in out
     assert list(tmp_path.iterdir()) == []
@@ -138,12 +138,12 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch, cli):
 
 def test_extrapolate_recipe_equals_the_commands_it_plans(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
-    make_run(tmp_path / "demo-run" / "run", steps=(100, 200, 300), noise=0.05)
+    copy_run(tmp_path / "demo-run")  # what `driftmerge demo --keep demo-run` leaves in demo-run/run
     path = ROOT / "recipes" / "extrapolate.yaml"
     code, out, err = cli("run", path)
     assert code == 0, err
     assert "[1/2] extract" in out and "wrote model demo-run/extrapolate-model" in out
-    assert "scale 1.5 (step 450)" in out
+    assert "scale 1.5 (step 300)" in out
 
     recipe = load_recipe(path)  # the same plan, with other outputs, through `driftmerge extract` / `apply`
     recipe.extract.output, recipe.apply.adapter, recipe.apply.output = "cli-adapter", "cli-adapter", "cli-model"
