@@ -54,7 +54,7 @@ class ToyConfig:
 
 # CI and the demo (about 40 s on 2 cores), and the default (a few minutes)
 SMALL = ToyConfig(digits=2, sft_target=0.3, rl_lr=5e-4, batch=64, rl_steps=200, save_every=25)
-DEFAULT = ToyConfig(digits=3, hidden=96, sft_target=0.3, rl_lr=5e-4, batch=64, rl_steps=600, save_every=50)
+DEFAULT = ToyConfig(digits=2, hidden=96, sft_target=0.3, rl_lr=5e-4, batch=64, rl_steps=600, save_every=50)
 
 
 # ---- the task --------------------------------------------------------------------------------------------------------
