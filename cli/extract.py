@@ -129,6 +129,10 @@ def print_summary(result: ExtractResult, next_hint: bool = True) -> None:
         f"  not in PEFT  {100 * s['extras_share']:.2f} % of the drift energy sits in drift_extras.safetensors"
         " (norms, biases); PEFT ignores it, `driftmerge apply` uses it",
     ]
+    for r, (tensors, nbytes, seconds) in enumerate(result.ranks):
+        lines.append(
+            f"  rank {r}/{len(result.ranks)}   {tensors} tensors, {human_bytes(nbytes)} per input, {seconds:.1f} s"
+        )
     if next_hint:
         lines.append(f"next: driftmerge apply {result.out_dir} --scale 1.5")
     click.echo("\n".join(lines))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -17,6 +18,7 @@ from driftmerge_cli.run import run_cmd
 from driftmerge_cli.sweep import sweep_cmd
 
 from driftmerge import __version__
+from driftmerge.distributed import rank_of_environment
 from driftmerge.errors import DriftmergeError
 from driftmerge.memory import keep_freed_buffers
 
@@ -46,8 +48,11 @@ cli.add_command(generate_cmd)
 
 
 def main() -> None:
-    """Run the CLI; a :class:`DriftmergeError` becomes one line on stderr and its exit code."""
+    """Run the CLI; a :class:`DriftmergeError` becomes one line on stderr and its exit code. Under torchrun only
+    rank 0 prints (its errors name the rank that failed); the other ranks exit with the same code."""
     keep_freed_buffers()  # this process is ours: let large tensor buffers be reused instead of re-faulted
+    if rank_of_environment() != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of this process)
     try:
         rc = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -57,7 +62,8 @@ def main() -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except DriftmergeError as exc:
-        click.echo(f"driftmerge: error: {exc}", err=True)
+        if rank_of_environment() == 0:
+            click.echo(f"driftmerge: error: {exc}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("driftmerge: interrupted; no output was left behind", err=True)

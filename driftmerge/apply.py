@@ -7,6 +7,7 @@ safetensors shards of at most ``max_shard_size`` bytes; config, generation confi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,8 @@ from safetensors.torch import save_file
 
 from driftmerge.adapter import Adapter, peft_config, read_adapter, write_adapter
 from driftmerge.cards import adapter_card, model_card
-from driftmerge.checkpoints import Checkpoint, open_ref
+from driftmerge.checkpoints import Checkpoint, TensorInfo, open_ref
+from driftmerge.distributed import distributed
 from driftmerge.errors import InputError
 from driftmerge.hub import base_license, resolve, resolve_recorded
 from driftmerge.memory import parse_size
@@ -91,40 +93,106 @@ def apply_drift(
     if not math.isfinite(scale):
         raise InputError(f"the scale must be a finite number, got {scale}")
     step = step_for_scale(scale, meta)
-    if fmt == "adapter":
-        return _write_scaled_adapter(adapter, adapter_dir, Path(out_dir), scale, step, overwrite, command)
+    if fmt == "adapter":  # a small folder: rank 0 writes it
+        with distributed(cuda=False) as dist:
+            done = dist.run(lambda: _write_scaled_adapter(adapter, adapter_dir, Path(out_dir), scale, step, overwrite,
+                                                          command) if dist.is_main else None)  # fmt: skip
+            return dist.broadcast(done)
     if fmt != "model":
         raise InputError(f"--format must be model or adapter, got {fmt!r}")
     if dtype != "auto" and dtype not in OUT_DTYPES:
         raise InputError(f"--dtype must be auto or one of {', '.join(OUT_DTYPES)}, got {dtype!r}")
     shard_limit = parse_size(max_shard_size, "--max-shard-size")
-    base_ck = open_base(adapter, base)
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, [base_ck.path, adapter_dir], overwrite)
-    out_dtype = OUT_DTYPES.get(dtype)
+    with distributed(cuda=False) as dist, contextlib.ExitStack() as stack:
+        base_ck = dist.run(lambda: _open_checked(adapter, adapter_dir, base, Path(out_dir), overwrite))
+        out_dtype = OUT_DTYPES.get(dtype)
+        names = list(base_ck.infos)  # file order, so shards read sequentially
+        sizes = {n: _out_bytes(base_ck.infos[n], out_dtype) for n in names}
+        shards = plan_shards(names, sizes, shard_limit)
+        tmp = None
+        if dist.is_main:
+            tmp = stack.enter_context(atomic_output_dir(Path(out_dir), [base_ck.path, adapter_dir], overwrite))
+        tmp = dist.broadcast(tmp)
+        ids = [str(i) for i in range(len(shards))]
+        mine = dist.share(ids, {i: sum(sizes[n] for n in shards[int(i)]) for i in ids})
+        deltas = delta_sources(adapter)  # tensor name -> callable giving the float32 drift
+        dist.run(lambda: _write_shards(base_ck, deltas, scale, out_dtype, shards, [int(i) for i in mine], tmp,
+                                       progress))  # fmt: skip
+        if dist.is_main:
+            dist.run(lambda: _finish_model(base_ck, shards, sizes, tmp, dtype, out_dtype, adapter_ref, meta, scale,
+                                           step, command))  # fmt: skip
+        else:
+            dist.agree(None)
+        changed = sum(1 for n in names if n in deltas)
+        written = sum(sizes.values())
+    return ApplyResult(Path(out_dir), scale, step, changed, len(names), len(shards), written)
 
-    deltas = delta_sources(adapter)  # tensor name -> callable giving the float32 drift
-    names = list(base_ck.infos)  # file order, so shards read sequentially
-    changed = written = 0
-    with atomic_output_dir(out_dir, [base_ck.path, adapter_dir], overwrite) as tmp:
-        writer = _ShardWriter(tmp, shard_limit)
-        for done, name in enumerate(names, 1):
+
+def _open_checked(adapter: Adapter, adapter_dir: Path, base: str | Path | None, out_dir: Path,
+                  overwrite: bool) -> Checkpoint:  # fmt: skip
+    base_ck = open_base(adapter, base)
+    check_output_dir(out_dir, [base_ck.path, adapter_dir], overwrite)
+    return base_ck
+
+
+def _out_bytes(info: TensorInfo, out_dtype: torch.dtype | None) -> int:
+    dt = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+    return info.numel * dt.itemsize
+
+
+def plan_shards(names: list[str], sizes: dict[str, int], limit: int) -> list[list[str]]:
+    """Consecutive names, a new shard whenever the next tensor would take the current one over ``limit`` bytes
+    (one tensor larger than the limit gets a shard of its own); at least one shard."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for name in names:
+        if current and current_bytes + sizes[name] > limit:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += sizes[name]
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _write_shards(base_ck: Checkpoint, deltas: dict[str, Callable[[], torch.Tensor]], scale: float,
+                  out_dtype: torch.dtype | None, shards: list[list[str]], mine: list[int], tmp: Path,
+                  progress: Progress | None) -> None:  # fmt: skip
+    """Compute ``W0 + scale · drift`` for the tensors of this rank's shards and write each shard."""
+    total, done = sum(len(shards[i]) for i in mine), 0
+    for i in mine:
+        tensors: dict[str, torch.Tensor] = {}
+        for name in shards[i]:
             w0 = base_ck.get(name)
             target_dtype = out_dtype if (out_dtype is not None and w0.dtype.is_floating_point) else w0.dtype
             source = deltas.get(name)
-            if source is not None:
-                w = moved(w0, source(), scale, target_dtype)
-                changed += 1
-            else:
-                w = w0.to(target_dtype)
-            writer.add(name, w)
+            tensors[name] = moved(w0, source(), scale, target_dtype) if source is not None else w0.to(target_dtype)
+            tensors[name] = tensors[name].contiguous()
+            done += 1
             if progress:
-                progress(done, len(names), name)
-        shards, written = writer.finish()
-        _copy_side_files(base_ck.path, tmp, dtype if out_dtype is not None else None)
-        base_info = {"ref": str(base_ck.path), "hub": base_ck.hub, "license": base_license(base_ck.path)}
-        (tmp / "README.md").write_text(model_card(base_info, adapter_ref, meta, scale, step, command))
-    return ApplyResult(out_dir, scale, step, changed, len(names), shards, written)
+                progress(done, total, name)
+        save_file(tensors, str(tmp / shard_name(i, len(shards))), metadata={"format": "pt"})
+        del tensors
+
+
+def _finish_model(base_ck: Checkpoint, shards: list[list[str]], sizes: dict[str, int], tmp: Path, dtype: str,
+                  out_dtype: torch.dtype | None, adapter_ref: str, meta: dict[str, Any], scale: float, step: float,
+                  command: str | None) -> None:  # fmt: skip
+    """The index (for several shards), config and tokenizer files, and the model card."""
+    n = len(shards)
+    if n > 1:
+        weight_map = {name: shard_name(i, n) for i, names in enumerate(shards) for name in names}
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    _copy_side_files(base_ck.path, tmp, dtype if out_dtype is not None else None)
+    base_info = {"ref": str(base_ck.path), "hub": base_ck.hub, "license": base_license(base_ck.path)}
+    (tmp / "README.md").write_text(model_card(base_info, adapter_ref, meta, scale, step, command))
 
 
 def open_adapter(ref: str | Path) -> tuple[Path, Adapter]:
@@ -184,47 +252,6 @@ def delta_sources(adapter: Adapter) -> dict[str, Callable[[], torch.Tensor]]:
         if target in out:
             out[tied] = out[target]  # tied weights move together
     return out
-
-
-class _ShardWriter:
-    """Accumulate tensors into shards of at most ``limit`` bytes; name them ``model-0000i-of-0000n``."""
-
-    def __init__(self, folder: Path, limit: int):
-        self.folder, self.limit = folder, limit
-        self.current: dict[str, torch.Tensor] = {}
-        self.current_bytes = 0
-        self.parts: list[tuple[Path, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.current and self.current_bytes + size > self.limit:
-            self._flush()
-        self.current[name] = tensor.contiguous()
-        self.current_bytes += size
-        self.total += size
-
-    def _flush(self) -> None:
-        path = self.folder / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.current, str(path), metadata={"format": "pt"})
-        self.parts.append((path, list(self.current)))
-        self.current, self.current_bytes = {}, 0
-
-    def finish(self) -> tuple[int, int]:
-        if self.current or not self.parts:
-            self._flush()
-        n = len(self.parts)
-        if n == 1:
-            self.parts[0][0].rename(self.folder / "model.safetensors")
-            return 1, self.total
-        weight_map = {}
-        for i, (path, names) in enumerate(self.parts, 1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            path.rename(self.folder / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return n, self.total
 
 
 def _copy_side_files(base: Path, out: Path, dtype: str | None) -> None:

@@ -27,6 +27,7 @@ from driftmerge.adapter import FORMAT_VERSION, LoraModule, peft_config, write_ad
 from driftmerge.architecture import Architecture, describe
 from driftmerge.cards import adapter_card
 from driftmerge.checkpoints import Checkpoint, open_run
+from driftmerge.distributed import distributed
 from driftmerge.errors import InputError
 from driftmerge.hub import base_license
 from driftmerge.lowrank import SVD_METHODS, Factor, factorize, matrix_seed
@@ -86,6 +87,7 @@ class ExtractResult:
     out_dir: Path
     meta: dict[str, Any]  # what driftmerge.json holds
     summary: dict[str, Any] = field(default_factory=dict)
+    ranks: list[tuple[int, int, float]] = field(default_factory=list)  # under torchrun: tensors, bytes, seconds
 
 
 def resolve_device(device: str) -> torch.device:
@@ -129,34 +131,86 @@ def extract(
     progress: Progress | None = None,
     command: str | None = None,
 ) -> ExtractResult:
-    """Fit the drift of ``checkpoints`` relative to ``base`` and write a PEFT adapter folder to ``out_dir``."""
+    """Fit the drift of ``checkpoints`` relative to ``base`` and write a PEFT adapter folder to ``out_dir``.
+
+    Under ``torchrun`` the tensors are shared among the ranks by bytes (:mod:`driftmerge.distributed`); rank 0
+    gathers the factors and writes the adapter, byte-identical to a single-process run.
+    """
     opts = options or ExtractOptions()
     opts.validate()
     if not checkpoints:
         raise InputError("give at least one checkpoint after the base")
     device = resolve_device(opts.device)
-    factor_dtype = resolve_factor_dtype(opts.factor_dtype, device)
+    with distributed(cuda=device.type == "cuda") as dist:
+        if dist.world > 1 and device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+        job = dist.run(lambda: _prepare(base, checkpoints, out_dir, opts, overwrite))
+        mine = dist.share(job.names, {n: job.base.infos[n].numel for n in job.names})
+        t0 = time.perf_counter()
+        part = dist.run(lambda: _fit_share(job, mine, opts, device, progress))
+        part.timing = (len(mine), sum(job.base.infos[n].numel * job.base.infos[n].dtype.itemsize for n in mine),
+                       time.perf_counter() - t0)  # fmt: skip
+        parts = dist.gather(part)
+        result = dist.run(lambda: _write(job, _merge(parts, job.names), opts, device, overwrite, command)
+                          if dist.is_main else None)  # fmt: skip
+        result = dist.broadcast(result)
+        if dist.world > 1:
+            result.ranks = [p.timing for p in parts]
+        return result
+
+
+@dataclass
+class _Job:
+    """What every rank knows before the pass: the inputs, the tensors to fit, their steps."""
+
+    base: Checkpoint
+    cks: list[Checkpoint]
+    steps: list[int]
+    source: str
+    arch: Architecture
+    names: list[str]
+    out_dir: Path
+    factor_dtype: str
+
+
+@dataclass
+class _Part:
+    """One rank's results (CPU tensors), merged by rank 0."""
+
+    records: dict[str, dict[str, Any]]
+    extras: dict[str, torch.Tensor]
+    factors: dict[str, Factor]
+    moved: list[bool]  # per checkpoint: does it move any of these tensors?
+    timing: tuple[int, int, float] = (0, 0, 0.0)  # tensors, bytes per input, seconds
+
+
+def _prepare(base, checkpoints, out_dir, opts: ExtractOptions, overwrite: bool) -> _Job:  # type: ignore[no-untyped-def]
     base_ck, cks, steps, source = open_run(base, checkpoints, opts.steps, opts.base_step)
     out_dir = Path(out_dir)
-    inputs = [base_ck.path, *(c.path for c in cks)]
-    check_output_dir(out_dir, inputs, overwrite)  # fail before the long pass, not after it
-
+    check_output_dir(out_dir, [base_ck.path, *(c.path for c in cks)], overwrite)  # fail before the long pass
     arch = describe(base_ck.config, {n: i.shape for n, i in base_ck.infos.items()})
     names = _select(base_ck, opts, arch)
     if not names:
         raise InputError("no floating-point tensors left to fit (check --include / --exclude)")
     _check_rank(opts.rank, [base_ck.infos[n].shape for n in names if n in arch.kinds])
-    t = [s - opts.base_step for s in steps]
+    factor_dtype = resolve_factor_dtype(opts.factor_dtype, resolve_device(opts.device))
+    return _Job(base_ck, cks, steps, source, arch, names, out_dir, factor_dtype)
+
+
+def _fit_share(job: _Job, names: list[str], opts: ExtractOptions, device: torch.device, progress) -> _Part:  # type: ignore[no-untyped-def]
+    """Stream ``names`` through the line fit and factorize the matrices: this rank's share of the work."""
+    base_ck, arch = job.base, job.arch
+    t = [s - opts.base_step for s in job.steps]
     records: dict[str, dict[str, Any]] = {}
     extras: dict[str, torch.Tensor] = {}
     read_ahead = min(opts.max_memory // 4, 1 << 30)
-    factorizer = _GroupFactorizer(opts, DTYPES[factor_dtype], opts.max_memory - read_ahead)
-    ckpt_sq = [0.0] * len(cks)
-
+    factorizer = _GroupFactorizer(opts, DTYPES[job.factor_dtype], opts.max_memory - read_ahead)
+    moved = [False] * len(job.cks)
     t_start, stats = time.perf_counter(), {"waited": 0.0}
-    for done, (name, fit) in enumerate(_stream_fits(names, [base_ck, *cks], t, opts.fit, device, read_ahead, stats), 1):
+    sources = [base_ck, *job.cks]
+    for done, (name, fit) in enumerate(_stream_fits(names, sources, t, opts.fit, device, read_ahead, stats), 1):
         for j, sq in enumerate(fit.delta_sq_norms):
-            ckpt_sq[j] += sq
+            moved[j] = moved[j] or sq > 0.0
         norm = float(torch.linalg.vector_norm(fit.drift))
         kind = arch.kinds.get(name)
         rec = {"shape": list(base_ck.infos[name].shape), "kind": kind or "other", "drift_norm": norm, "r2": fit.r2}
@@ -173,31 +227,54 @@ def extract(
         del fit
         if progress:
             progress(done, len(names), name)
-    waited = stats["waited"]
     t_pass = time.perf_counter()
     factors = factorizer.finish()
     logger.info(
         "pass over %d tensors: %.2f s (%.2f s waiting for reads); factorization: %.2f s in all, %.2f s after the pass",
-        len(names), t_pass - t_start, waited, factorizer.seconds, time.perf_counter() - t_pass,
+        len(names), t_pass - t_start, stats["waited"], factorizer.seconds, time.perf_counter() - t_pass,
     )  # fmt: skip
-    modules = _lora_modules(factors, records)
-    for j, ck in enumerate(cks):
-        if ckpt_sq[j] == 0.0:
+    factors = {
+        n: Factor(B=f.B.cpu(), A=f.A.cpu(), energy=f.energy, iterations=f.iterations) for n, f in factors.items()
+    }
+    return _Part(records, extras, factors, moved)
+
+
+def _merge(parts: list[_Part], names: list[str]) -> _Part:
+    """The ranks' parts as one, in the single-process order of ``names`` (so the bytes written are the same)."""
+    records = {k: v for p in parts for k, v in p.records.items()}
+    extras = {k: v for p in parts for k, v in p.extras.items()}
+    factors = {k: v for p in parts for k, v in p.factors.items()}
+    moved = [any(col) for col in zip(*(p.moved for p in parts), strict=True)]
+    return _Part(
+        {n: records[n] for n in names},
+        {n: extras[n] for n in names if n in extras},
+        {n: factors[n] for n in names if n in factors},
+        moved,
+    )
+
+
+def _write(job: _Job, part: _Part, opts: ExtractOptions, device: torch.device, overwrite: bool,
+           command: str | None) -> ExtractResult:  # fmt: skip
+    base_ck, cks, records, extras = job.base, job.cks, part.records, part.extras
+    modules = _lora_modules(part.factors, records)
+    for ck, moved in zip(cks, part.moved, strict=True):
+        if not moved:
             raise InputError(
                 f"{ck.path}: identical to the base in every fitted tensor; give checkpoints from later in training"
             )
     if not modules and not extras:
         raise InputError("the checkpoints do not move any fitted tensor away from the base; check --include/--exclude")
 
-    meta = _meta(base_ck, cks, steps, source, opts, device, factor_dtype, arch, records, command)
+    meta = _meta(base_ck, cks, job.steps, job.source, opts, device, job.factor_dtype, job.arch, records, command)
     summary = _summary(records, base_ck, cks)
     meta["summary"] = summary
     base_name = base_ck.hub["repo_id"] if base_ck.hub else str(base_ck.path.absolute())  # where PEFT finds the base
-    config = peft_config(modules, base_name, arch.fan_in_fan_out)
-    with atomic_output_dir(out_dir, inputs, overwrite) as tmp:
+    config = peft_config(modules, base_name, job.arch.fan_in_fan_out)
+    inputs = [base_ck.path, *(c.path for c in cks)]
+    with atomic_output_dir(job.out_dir, inputs, overwrite) as tmp:
         write_adapter(tmp, modules, extras, meta, config, adapter_card(meta, summary))
         summary["adapter_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
-    return ExtractResult(out_dir=out_dir, meta=meta, summary=summary)
+    return ExtractResult(out_dir=job.out_dir, meta=meta, summary=summary)
 
 
 def _check_rank(rank: int | float, shapes: list[tuple[int, ...]]) -> None:
