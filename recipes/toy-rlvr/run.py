@@ -7,7 +7,7 @@
 # checkpoints `checkpoint-<step>/` every few steps, the TRL layout `driftmerge extract --run-dir` reads.
 #
 #   --small      2-digit operands, 200 GRPO steps, a checkpoint every 25: about 40 s (CI and `driftmerge demo`)
-#                (default: 3-digit operands, a wider model, 600 steps, a checkpoint every 50: a few minutes)
+#                (default: a wider model, 600 steps, a checkpoint every 50: about 4 minutes)
 #   --mode sft   the control experiment: the RL stage replaced by continued supervised training on the same
 #                prompts with their correct answers (same start, same steps, same checkpoints)
 #   --seed N     seeds the model, the data and the sampling: the same seed gives the same run
