@@ -14,6 +14,7 @@ from driftmerge_cli.export_mergekit import export_mergekit_cmd
 from driftmerge_cli.extract import extract_cmd
 from driftmerge_cli.generate import generate_cmd
 from driftmerge_cli.push import push_cmd
+from driftmerge_cli.reground import reground_cmd
 from driftmerge_cli.run import run_cmd
 from driftmerge_cli.sweep import sweep_cmd
 
@@ -45,6 +46,7 @@ cli.add_command(push_cmd)
 cli.add_command(run_cmd)
 cli.add_command(sweep_cmd)
 cli.add_command(generate_cmd)
+cli.add_command(reground_cmd)
 
 
 def main() -> None:

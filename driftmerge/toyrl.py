@@ -239,47 +239,38 @@ def steps_to_threshold(
     max_steps: int,
     check_every: int = 10,
     reground: tuple[int, int] | None = None,
-    snapshots: int = 4,
+    snapshots: int = 5,
+    rank: int | None = None,
+    optimizer: str = "keep",
 ) -> dict[str, Any]:
     """GRPO steps until held-out greedy accuracy reaches ``threshold`` (checked every ``check_every`` steps).
 
-    ``reground=(M, N)``: every M RL steps, fit the least-squares line (``extract``'s lsq fit, full rank) through the
-    window's start and ``snapshots`` evenly spaced snapshots of the window, and jump to where it says the run would
-    be N steps later: ``W = W_start + (M + N) / M · D``; training resumes from there with Adam's moments kept.
-    Jumps cost no RL steps. Returns the steps needed (None when not reached), the jumps and the accuracy curve.
+    ``reground=(M, N)``: :class:`driftmerge.reground.Regrounder` (the engine of the Trainer callback) every M steps
+    fits the line through the window's start and ``snapshots`` evenly spaced snapshots (``rank``: None = full) and
+    jumps N steps ahead; ``optimizer``: keep or reset Adam's moments. Jumps cost no RL steps. Returns the steps
+    needed (None when not reached), the jumps and the accuracy curve.
     """
     import copy
 
-    from driftmerge.trajectory import LineAccumulator
+    from driftmerge.reground import Regrounder, reset_moments
 
     model, tok, info = copy.deepcopy(start[0]), start[1], start[2]
     rng = random.Random(1_000 + cfg.seed)
     torch.manual_seed(2_000 + cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.rl_lr)
     params = dict(model.named_parameters())
-    every = reground[0] // snapshots if reground else 0
-
-    def state() -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in params.items()}
-
-    window, snaps, jumps, curve = state(), [], 0, []
+    regrounder = None
+    if reground:
+        regrounder = Regrounder(params, every=reground[0], jump=reground[1], window=snapshots, rank=rank)
+        regrounder.start(0)
+    curve: list[tuple[int, float]] = []
     for step in range(1, max_steps + 1):
         grpo_step(model, tok, opt, problems(cfg.batch, cfg.digits, rng), cfg)
-        if reground:
-            in_window = (step - 1) % reground[0] + 1
-            if in_window % every == 0:
-                snaps.append((in_window, state()))
-            if in_window == reground[0]:
-                t = [float(s) for s, _ in snaps]
-                with torch.no_grad():
-                    for n, p in params.items():
-                        acc = LineAccumulator(t)
-                        for _, snap in snaps:
-                            acc.add(snap[n] - window[n])
-                        p.copy_(window[n] + (sum(reground) / reground[0]) * acc.finish().drift)
-                window, snaps, jumps = state(), [], jumps + 1
+        if regrounder is not None and regrounder.step(step) is not None and optimizer == "reset":
+            reset_moments(opt, list(params.values()))
         if step % check_every == 0:
             curve.append((step, accuracy(model, tok, info["held_out"], cfg.max_new_tokens)))
             if curve[-1][1] >= threshold:
-                return {"steps": step, "jumps": jumps, "curve": curve}
-    return {"steps": None, "jumps": jumps, "curve": curve}
+                break
+    reached = curve[-1][0] if curve and curve[-1][1] >= threshold else None
+    return {"steps": reached, "jumps": len(regrounder.jumps) if regrounder else 0, "curve": curve}

@@ -1,0 +1,162 @@
+"""Re-grounding: the Trainer callback jumps at the right steps by exactly what extract + apply give on the same
+snapshots, and training resumes; the CLI loop writes the extrapolated checkpoints of a run folder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_one_line_error, load_weights, run_cli
+
+from driftmerge.apply import apply_drift
+from driftmerge.extract import ExtractOptions, extract
+from driftmerge.synthetic import make_run, tiny_config
+
+M, K, N = 8, 4, 4  # every 8 steps, 4 snapshots, jump 4 steps ahead: scale (8 + 4) / 8 = 1.5
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int = 64, length: int = 12, vocab: int = 64):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _trainer(tmp_path, max_steps: int, callbacks=(), **kw):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    settings = {"save_strategy": "no", **kw}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=max_steps, per_device_train_batch_size=8, learning_rate=3e-3,
+        logging_steps=1, report_to=[], use_cpu=True, disable_tqdm=True, seed=0, **settings,
+    )  # fmt: skip
+    return Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=list(callbacks))
+
+
+class Snapshots:
+    """A test callback (registered before the one under test): saves the weights at the window's snapshot steps."""
+
+    def __new__(cls, folder):  # type: ignore[no-untyped-def]
+        from transformers import TrainerCallback
+
+        class _Saver(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
+                model.save_pretrained(folder / "checkpoint-0")
+
+            def on_step_end(self, args, state, control, model=None, **kw):  # type: ignore[no-untyped-def]
+                if state.global_step % (M // K) == 0:
+                    model.save_pretrained(folder / f"checkpoint-{state.global_step}")
+
+        return _Saver()
+
+
+@pytest.mark.parametrize("rank", [1, None])
+def test_callback_moves_by_exactly_the_fitted_drift(tmp_path, rank):
+    from driftmerge.integrations.trl import DriftExtrapolationCallback
+
+    snaps = tmp_path / "snaps"
+    cb = DriftExtrapolationCallback(every=M, jump=N, window=K, rank=rank)
+    trainer = _trainer(tmp_path, max_steps=M, callbacks=[Snapshots(snaps)])
+    cb.attach(trainer)
+    trainer.train()
+    assert [j.step for j in cb.jumps] == [M] and cb.jumps[0].scale == 1.5
+    live = {n: p.detach() for n, p in trainer.model.named_parameters()}
+
+    # the same window through extract + apply on the saved snapshots
+    steps = [M // K * (k + 1) for k in range(K)]
+    cks = [snaps / f"checkpoint-{s}" for s in steps]
+    if rank is not None:
+        extract(snaps / "checkpoint-0", cks, tmp_path / "adapter", ExtractOptions(rank=rank, factor_dtype="float32"))
+        apply_drift(tmp_path / "adapter", tmp_path / "model", scale=1.5)
+        want = load_weights(tmp_path / "model")
+        assert all(torch.equal(live[n], want[n]) for n in live), [n for n in live if not torch.equal(live[n], want[n])]
+    else:  # full rank: the least-squares line through the start, W = W0 + 1.5 · t_ref Σ t_i D_i / Σ t_i²
+        w0 = load_weights(snaps / "checkpoint-0")
+        ws = [load_weights(c) for c in cks]
+        t = torch.tensor(steps, dtype=torch.float64)
+        for n in live:
+            d = sum(ti * (w[n].double() - w0[n].double()) for ti, w in zip(t, ws, strict=True))
+            want = w0[n].double() + 1.5 * float(t[-1]) * d / float((t * t).sum())
+            torch.testing.assert_close(live[n].double(), want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(
+        live["model.layers.0.mlp.up_proj.weight"], load_weights(cks[-1])["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_callback_fires_every_m_steps_logs_and_training_resumes(tmp_path):
+    from driftmerge.integrations.trl import DriftExtrapolationCallback
+
+    cb = DriftExtrapolationCallback(every=M, scale=1.25, window=K, rank=1, optimizer="reset")
+    trainer = _trainer(tmp_path, max_steps=2 * M + 3, save_strategy="steps", save_steps=2 * M)
+    cb.attach(trainer)
+    trainer.train()
+    assert [j.step for j in cb.jumps] == [M, 2 * M]
+    logged = [e for e in trainer.state.log_history if "drift/scale" in e]
+    assert [e["step"] for e in logged] == [M, 2 * M] and all(e["drift/scale"] == 1.25 for e in logged)
+    assert all(0 < e["drift/energy_kept"] <= 1 and "drift/median_r2" in e for e in logged)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    # a checkpoint saved after a jump resumes like any other
+    again = _trainer(tmp_path, max_steps=2 * M + 6, save_strategy="steps", save_steps=2 * M)
+    DriftExtrapolationCallback(every=M, scale=1.25, window=K, rank=1).attach(again)
+    again.train(resume_from_checkpoint=str(tmp_path / "out" / f"checkpoint-{2 * M}"))
+    assert again.state.global_step == 2 * M + 6
+
+
+def test_callback_rejects_bad_settings():
+    from driftmerge.integrations.trl import DriftExtrapolationCallback
+
+    for kw, msg in [({"every": 10, "window": 4, "jump": 5}, "multiple of window"), ({"every": 8}, "exactly one"),
+                    ({"every": 8, "jump": 4, "optimizer": "zero"}, "keep, reset")]:  # fmt: skip
+        with pytest.raises(ValueError, match=msg):
+            DriftExtrapolationCallback(**kw)
+
+
+# ---- the CLI loop --------------------------------------------------------------------------------------------------
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    return lambda *args: run_cli(list(args), monkeypatch, capsys)
+
+
+def test_reground_cli_writes_the_next_starting_points(tmp_path, cli):
+    run = make_run(tmp_path / "run", steps=(10, 20, 30, 40), noise=0.05)
+    out = tmp_path / "run" / "driftmerge-reground"
+    code, stdout, err = cli("reground", "--run-dir", tmp_path / "run", "--base", run.base, "--every", "20",
+                            "--jump", "20", "--once")  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["drift_0-20", "reground.json", "step_40"]
+    extract(run.base, run.checkpoints[:2], tmp_path / "a", ExtractOptions())
+    apply_drift(tmp_path / "a", tmp_path / "m", scale=2.0)
+    got, want = load_weights(out / "step_40"), load_weights(tmp_path / "m")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    assert (out / "step_40" / "config.json").is_file() and "step_40" in stdout
+
+    # training resumed from step_40 and saved 50 and 60: the next window starts at the extrapolated point
+    for s, src in ((50, run.checkpoints[2]), (60, run.checkpoints[3])):
+        (tmp_path / "run" / f"checkpoint-{s}").symlink_to(src)
+    code, stdout, err = cli("reground", "--run-dir", tmp_path / "run", "--base", run.base, "--every", "20",
+                            "--jump", "20", "--once")  # fmt: skip
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_40", "step_80"]
+    extract(out / "step_40", [tmp_path / "run" / "checkpoint-50", tmp_path / "run" / "checkpoint-60"],
+            tmp_path / "b", ExtractOptions(steps=[10, 20]))  # fmt: skip
+    apply_drift(tmp_path / "b", tmp_path / "m2", scale=2.0)
+    got, want = load_weights(out / "step_80"), load_weights(tmp_path / "m2")
+    assert all(torch.equal(got[n], want[n]) for n in want)
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    code, stdout, err = cli("reground", "--run-dir", tmp_path / "run", "--every", "20", "--jump", "20", "--once")
+    assert code == 0 and "nothing written" in stdout  # the state file says where the run stands
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    code, _, err = cli("reground", "--run-dir", tmp_path / "run", "--every", "10", "--jump", "20", "--once")
+    assert_one_line_error(code, err, 3, "reground.json", "--every 20 --jump 20")
+    code, _, err = cli("reground", "--run-dir", tmp_path / "nope", "--every", "20", "--jump", "20", "--once")
+    assert_one_line_error(code, err, 3, "nope")
