@@ -160,3 +160,12 @@ def test_reground_cli_writes_the_next_starting_points(tmp_path, cli):
     assert_one_line_error(code, err, 3, "reground.json", "--every 20 --jump 20")
     code, _, err = cli("reground", "--run-dir", tmp_path / "nope", "--every", "20", "--jump", "20", "--once")
     assert_one_line_error(code, err, 3, "nope")
+
+
+def test_snapshot_bytes_counts_start_and_fit_buffers():
+    from driftmerge.integrations.trl import snapshot_bytes
+
+    model = torch.nn.Linear(100, 10, bias=False).to(torch.bfloat16)  # 1000 parameters
+    assert snapshot_bytes(model) == 1000 * (2 + 8)
+    assert snapshot_bytes(model, "endpoint") == 1000 * (2 + 12)
+    assert snapshot_bytes(model, "pca", window=5) == 1000 * (2 + 28)

@@ -107,8 +107,8 @@ class DriftExtrapolationCallback(TrainerCallback):
 
 def snapshot_bytes(model: torch.nn.Module, fit: str = "lsq", window: int = 4) -> int:
     """Memory the callback holds on ``snapshot_device``: the window's start in the weights' dtype plus the fit's
-    float32 sums (two for lsq / endpoint with R², ``window`` deltas for pca)."""
+    float32 buffers (two running sums; endpoint also keeps the last delta, pca every one of the ``window``)."""
     params = [p for p in model.parameters() if p.requires_grad]
     start = sum(p.numel() * p.element_size() for p in params)
-    sums = sum(p.numel() for p in params) * 4 * (window if fit == "pca" else 2)
-    return start + sums
+    buffers = 2 + {"lsq": 0, "endpoint": 1, "pca": window}[fit]
+    return start + sum(p.numel() for p in params) * 4 * buffers
