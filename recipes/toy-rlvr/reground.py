@@ -4,7 +4,7 @@
 # Re-grounding on the toy RLVR recipe (--small setting): GRPO steps until held-out greedy accuracy reaches 0.5,
 # plain and with the engine of driftmerge's Trainer callback (driftmerge.reground.Regrounder) jumping N steps ahead
 # after every M steps, for a few (M, N, rank) settings, from the same supervised start per seed.
-# About 10 minutes for 3 seeds on 2 CPU cores. Writes reground.json and prints a markdown table.
+# About 8 minutes for 3 seeds on 2 CPU cores. Writes reground.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
