@@ -169,3 +169,20 @@ def test_snapshot_bytes_counts_start_and_fit_buffers():
     assert snapshot_bytes(model) == 1000 * (2 + 8)
     assert snapshot_bytes(model, "endpoint") == 1000 * (2 + 12)
     assert snapshot_bytes(model, "pca", window=5) == 1000 * (2 + 28)
+
+
+def test_callback_logs_the_reward_around_a_jump(tmp_path):
+    from transformers import TrainerCallback
+
+    from driftmerge.integrations.trl import DriftExtrapolationCallback
+
+    class Reward(TrainerCallback):  # stands in for GRPOTrainer, which logs "reward"
+        def on_step_end(self, args, state, control, **kw):  # type: ignore[no-untyped-def]
+            trainer.log({"reward": float(state.global_step)})
+
+    trainer = _trainer(tmp_path, max_steps=M + 2, callbacks=[Reward()])
+    DriftExtrapolationCallback(every=M, jump=N, window=K).attach(trainer)
+    trainer.train()
+    jump = next(e for e in trainer.state.log_history if "drift/scale" in e)
+    after = next(e for e in trainer.state.log_history if "drift/reward_after" in e)
+    assert jump["drift/reward_before"] == float(M) and after["drift/reward_after"] == float(M + 1)
