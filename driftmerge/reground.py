@@ -36,6 +36,15 @@ class Jump:
     tensors: int  # parameters moved
 
 
+def jump_scale(every: int, jump: int | None, scale: float | None, window: int) -> float:
+    """The settings checked, and the scale of the window's drift to move to: ``(M + N) / M`` or ``scale``."""
+    if every < 1 or window < 1 or every % window:
+        raise ValueError(f"every ({every}) must be a positive multiple of window ({window})")
+    if (jump is None) == (scale is None):
+        raise ValueError("give exactly one of jump (steps ahead) or scale")
+    return scale if scale is not None else (every + jump) / every  # type: ignore[operator]
+
+
 class Regrounder:
     """Re-grounding for any training loop: call :meth:`start` once, :meth:`step` after every optimizer step."""
 
@@ -52,12 +61,8 @@ class Regrounder:
         factor_dtype: torch.dtype = torch.float32,
         snapshot_device: str | torch.device = "cpu",
     ):
-        if every < 1 or window < 1 or every % window:
-            raise ValueError(f"every ({every}) must be a positive multiple of window ({window})")
-        if (jump is None) == (scale is None):
-            raise ValueError("give exactly one of jump (steps ahead) or scale")
         self.params, self.every, self.window = params, every, window
-        self.scale = scale if scale is not None else (every + jump) / every  # type: ignore[operator]
+        self.scale = jump_scale(every, jump, scale, window)
         self.fit, self.rank, self.seed, self.factor_dtype = fit, rank, seed, factor_dtype
         self.device = torch.device(snapshot_device)
         self.t = [float(every // window * (k + 1)) for k in range(window)]  # snapshot steps within a window

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from driftmerge.reground import OPTIMIZER_STATE, Jump, Regrounder, reset_moments
+from driftmerge.reground import OPTIMIZER_STATE, Jump, Regrounder, jump_scale, reset_moments
 
 logger = logging.getLogger("driftmerge")
 
@@ -47,10 +47,7 @@ class DriftExtrapolationCallback(TrainerCallback):
     ):
         if optimizer not in OPTIMIZER_STATE:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATE)}, got {optimizer!r}")
-        if (jump is None) == (scale is None):
-            raise ValueError("give exactly one of jump (steps ahead) or scale")
-        if every < 1 or window < 1 or every % window:
-            raise ValueError(f"every ({every}) must be a positive multiple of window ({window})")
+        jump_scale(every, jump, scale, window)  # fail at construction, not at the first training step
         self.settings = {"every": every, "jump": jump, "scale": scale, "window": window, "fit": fit, "rank": rank,
                          "seed": seed, "snapshot_device": snapshot_device}  # fmt: skip
         self.optimizer = optimizer
