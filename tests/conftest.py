@@ -21,6 +21,14 @@ def _no_network() -> None:
         yield
 
 
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """``cli("extract", …)`` runs the console script in-process: (exit code, stdout, stderr)."""
+    from helpers import run_cli
+
+    return lambda *args: run_cli(list(args), monkeypatch, capsys)
+
+
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SyntheticRun]:
     """One read-only planted run per architecture: 3 checkpoints, a little noise."""

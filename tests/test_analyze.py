@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, load_weights, run_cli
+from helpers import assert_one_line_error, load_weights
 
 from driftmerge.analysis import element_r2, tensor_stats
 from driftmerge.analyze import AnalyzeOptions, analyze
@@ -17,14 +17,6 @@ from driftmerge.trajectory import LineAccumulator
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "report.schema.json").read_text())
 STEPS = (100, 200, 300, 400)
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    def call(*args):
-        return run_cli(list(args), monkeypatch, capsys)
-
-    return call
 
 
 def dense_r2(base: dict, cks: list[dict], t: list[float], name: str) -> tuple[float, np.ndarray]:

@@ -8,18 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from helpers import assert_one_line_error, leftovers, run_cli
+from helpers import assert_one_line_error, leftovers
 from safetensors.torch import load_file, save_file
 
 from driftmerge.synthetic import make_run
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    def call(*args):
-        return run_cli(list(args), monkeypatch, capsys)
-
-    return call
 
 
 def test_extract_and_apply_with_defaults(runs, tmp_path, monkeypatch, cli):

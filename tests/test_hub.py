@@ -8,15 +8,10 @@ from pathlib import Path
 
 import pytest
 from fakehub import ALICE_READ_TOKEN, BOB_TOKEN, FakeHub, fake_hub_fixture  # noqa: F401
-from helpers import assert_one_line_error, load_weights, run_cli
+from helpers import assert_one_line_error, load_weights
 
 BASE, RL = "alice-lab/tiny-base", "alice-lab/tiny-rl"
 BASE_CARD = "---\nlicense: mit\nlibrary_name: transformers\n---\n\n# a tiny base\n"
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    return lambda *args: run_cli(list(args), monkeypatch, capsys)
 
 
 @pytest.fixture

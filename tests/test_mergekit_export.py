@@ -189,14 +189,6 @@ def test_bfloat16_base_stores_bfloat16_like_apply(tmp_path, monkeypatch, capsys)
 
 
 # ---- the command ---------------------------------------------------------------------------------------------
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    def call(*args):
-        return run_cli(list(args), monkeypatch, capsys)
-
-    return call
-
-
 def test_cli_writes_the_config_and_says_how_to_run_it(adapters, tmp_path, cli, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = cli("export-mergekit", adapters["rank1"], "--scale", "1.5")

@@ -10,7 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error
 
 from driftmerge.demo import copy_run
 from driftmerge.recipes import MIN_MEMORY, OPTION_KEYS, Recipe, load_recipe, plan, run_recipe
@@ -18,14 +18,6 @@ from driftmerge.recipes import MIN_MEMORY, OPTION_KEYS, Recipe, load_recipe, pla
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 KEY_LINE = re.compile(r"^\s*(?:-\s+)?[A-Za-z_][\w-]*:(?:\s|$)")
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    def call(*args):
-        return run_cli(list(args), monkeypatch, capsys)
-
-    return call
 
 
 @pytest.fixture

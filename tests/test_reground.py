@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_one_line_error, load_weights, run_cli
+from helpers import assert_one_line_error, load_weights
 
 from driftmerge.apply import apply_drift
 from driftmerge.extract import ExtractOptions, extract
@@ -121,11 +121,6 @@ def test_callback_rejects_bad_settings():
 
 
 # ---- the CLI loop --------------------------------------------------------------------------------------------------
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    return lambda *args: run_cli(list(args), monkeypatch, capsys)
-
-
 def test_reground_cli_writes_the_next_starting_points(tmp_path, cli):
     run = make_run(tmp_path / "run", steps=(10, 20, 30, 40), noise=0.05)
     out = tmp_path / "run" / "driftmerge-reground"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error, leftovers, run_cli
+from helpers import assert_one_line_error, leftovers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
@@ -27,14 +27,6 @@ from safetensors.torch import load_file, save_file
 from driftmerge.checkpoints import Checkpoint
 from driftmerge.errors import InputError
 from driftmerge.synthetic import SyntheticRun, make_run
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    def call(*args):
-        return run_cli(list(args), monkeypatch, capsys)
-
-    return call
 
 
 def snapshot(*folders: Path) -> dict[str, tuple[str, int, int]]:

@@ -5,18 +5,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error
 
 from driftmerge.errors import InputError
 from driftmerge.rundirs import discover, select
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    def call(*args):
-        return run_cli(list(args), monkeypatch, capsys)
-
-    return call
 
 
 def trl_tree(runs, root):

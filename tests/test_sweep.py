@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import assert_one_line_error, load_weights, run_cli
+from helpers import assert_one_line_error, load_weights
 
 from driftmerge.apply import apply_drift
 from driftmerge.extract import ExtractOptions, extract
@@ -33,11 +33,6 @@ def drift(tmp_path_factory):
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "answer": str(eval(p[:-1]))}) + "\n" for p in PROMPTS))
     return run, adapter, prompts
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    return lambda *args: run_cli(list(args), monkeypatch, capsys)
 
 
 # ---- rewards --------------------------------------------------------------------------------------------------------
