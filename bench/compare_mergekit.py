@@ -28,7 +28,7 @@ from common import SIZES, build_run, gib, machine, measure, params, stats, warm
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from driftmerge.adapter import read_adapter
+from driftmerge.io.adapter import read_adapter
 
 
 def mergekit_products(folder: Path) -> dict[str, torch.Tensor]:

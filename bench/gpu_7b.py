@@ -6,7 +6,7 @@
 2. Times, as separate processes on warm inputs: the read floor (``import torch`` + every byte read once) and
    ``driftmerge extract --device cuda --rank 1``.
 3. Factorization alone, in this process on the GPU: every drift matrix (checkpoint − base, float32) goes through
-   ``driftmerge.lowrank.factorize`` in same-shape batches (what extract does), timed with CUDA synchronisation;
+   ``driftmerge.core.lowrank.factorize`` in same-shape batches (what extract does), timed with CUDA synchronisation;
    against ``torch.linalg.svd`` (mergekit's method) on ``--svd-sample`` matrices of each shape, timed the same
    way and scaled by the count of that shape (stated as an estimate in the output).
 """
@@ -29,7 +29,7 @@ from common import SIZES, build_run, machine, measure, params, warm
 from read_limit import READ_FLOOR
 from safetensors import safe_open
 
-from driftmerge.lowrank import factorize, matrix_seed
+from driftmerge.core.lowrank import factorize, matrix_seed
 
 
 def timed(fn) -> tuple[float, object]:  # type: ignore[no-untyped-def]

@@ -39,7 +39,7 @@ def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: objec
     """
     from pathlib import Path
 
-    from driftmerge.analyze import AnalyzeOptions, analyze, analyze_adapter
+    from driftmerge.commands.analyze import AnalyzeOptions, analyze, analyze_adapter
 
     if len(paths) == 1 and (Path(paths[0]) / "driftmerge.json").is_file():
         result = analyze_adapter(paths[0], out, overwrite)

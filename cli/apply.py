@@ -9,7 +9,7 @@ from driftmerge_cli.common import command_line, human_bytes, progress_bar
 from driftmerge_cli.push import check_push_target, push_after, push_option
 
 if TYPE_CHECKING:
-    from driftmerge.apply import ApplyResult
+    from driftmerge.commands.apply import ApplyResult
 
 
 @click.command("apply")
@@ -40,7 +40,7 @@ def apply_cmd(adapter: str, base: str | None, scale: float | None, step: float |
               dtype: str, max_shard_size: str, overwrite: bool, push_to_hub: str | None,
               hub_private: bool) -> None:  # fmt: skip
     """Produce the model at --scale S (or --step T) along the drift stored in ADAPTER."""
-    from driftmerge.apply import apply_drift
+    from driftmerge.commands.apply import apply_drift
 
     if (scale is None) == (step is None):
         raise click.UsageError("give exactly one of --scale or --step")

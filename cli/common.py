@@ -54,7 +54,7 @@ class SizeType(click.ParamType):
 
     def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
         from driftmerge.errors import InputError
-        from driftmerge.memory import parse_size
+        from driftmerge.io.memory import parse_size
 
         try:
             return parse_size(value, self.flag)

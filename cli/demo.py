@@ -16,7 +16,7 @@ from driftmerge_cli.extract import print_summary
 def demo_cmd(keep: Path | None) -> None:
     """Extract the drift of a real tiny GRPO run (shipped with driftmerge), extrapolate it to scale 1.5 and score
     the models on held-out problems."""
-    from driftmerge.demo import DEMO_SCALE, DEMO_STEPS, run_demo
+    from driftmerge.commands.demo import DEMO_SCALE, DEMO_STEPS, run_demo
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="driftmerge-demo-") as tmp:

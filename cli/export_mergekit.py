@@ -31,7 +31,7 @@ from driftmerge_cli.common import command_line
 def export_mergekit_cmd(adapter: str, scale: float | None, step: float | None, via: str, base: str | None, out: str,
                         dtype: str, overwrite: bool) -> None:  # fmt: skip
     """Write a mergekit YAML that reproduces `driftmerge apply ADAPTER --scale S` with mergekit's task_arithmetic."""
-    from driftmerge.mergekit_export import export_mergekit
+    from driftmerge.commands.export_mergekit import export_mergekit
 
     if (scale is None) == (step is None):
         raise click.UsageError("give exactly one of --scale or --step")

@@ -9,7 +9,7 @@ from driftmerge_cli.common import RankType, SizeType, StepsType, command_line, h
 from driftmerge_cli.push import check_push_target, push_after, push_option
 
 if TYPE_CHECKING:  # the library (torch) loads when a command runs, so --help stays instant
-    from driftmerge.extract import ExtractResult
+    from driftmerge.commands.extract import ExtractResult
 
 
 @click.command("extract")
@@ -83,7 +83,7 @@ def extract_cmd(
 ) -> None:
     """Fit the linear drift from BASE through CHECKPOINT... (or the checkpoints of --run-dir) and store it as a PEFT
     LoRA adapter."""
-    from driftmerge.extract import ExtractOptions, extract
+    from driftmerge.commands.extract import ExtractOptions, extract
 
     if run_dir is None and (every, last, steps_range) != (None, None, None):
         raise click.UsageError("--every, --last and --steps-range select from a --run-dir")
@@ -102,7 +102,7 @@ def extract_cmd(
 
 
 def _from_run_dir(run_dir: str, every: int | None, last: int | None, steps_range: str | None) -> tuple[str, ...]:
-    from driftmerge.rundirs import discover, select
+    from driftmerge.io.rundirs import discover, select
 
     found = discover(run_dir)
     took = select(found, every, last, steps_range)

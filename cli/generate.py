@@ -23,7 +23,7 @@ def generate_cmd(early: str, late: str, alpha: float, prompts: str, reward: str 
                  out: str | None, overwrite: bool, **sampling: object) -> None:  # fmt: skip
     """Generate from two models in lockstep with logits z = z_A + alpha (z_B - z_A): alpha > 1 extrapolates
     beyond B. Writes one JSON line per completion: prompt index, sample, completion (and reward)."""
-    from driftmerge.extrapolate import extrapolated_completions
+    from driftmerge.commands.generate import extrapolated_completions
 
     rows, summary = extrapolated_completions(early, late, alpha, prompts, pop_sampling(sampling), reward, device, out,
                                              overwrite)  # fmt: skip

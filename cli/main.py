@@ -19,9 +19,9 @@ from driftmerge_cli.run import run_cmd
 from driftmerge_cli.sweep import sweep_cmd
 
 from driftmerge import __version__
-from driftmerge.distributed import rank_of_environment
+from driftmerge.commands.distributed import rank_of_environment
 from driftmerge.errors import DriftmergeError
-from driftmerge.memory import keep_freed_buffers
+from driftmerge.io.memory import keep_freed_buffers
 
 EXIT_CODES = """Exit codes: 0 success, 1 unexpected failure, 2 bad usage (unknown option, missing argument),
 3 bad input (path, weights, steps, shapes, values), 4 output problem (folder exists, overlaps an input, disk full)."""

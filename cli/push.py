@@ -8,7 +8,7 @@ import click
 from driftmerge_cli.common import human_bytes
 
 if TYPE_CHECKING:
-    from driftmerge.publish import PushResult
+    from driftmerge.hub.publish import PushResult
 
 
 @click.command("push")
@@ -24,7 +24,7 @@ def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, cre
     """Push FOLDER (from `extract` or `apply`) to the model repo REPO_ID in one commit, with its model card.
 
     Needs a token with write access (`hf auth login` or HF_TOKEN); HF_ENDPOINT is honoured."""
-    from driftmerge.publish import push_folder
+    from driftmerge.hub.publish import push_folder
 
     result = push_folder(
         folder, repo_id, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run, analysis=analysis
@@ -42,7 +42,7 @@ def push_after(out_dir: object, repo_id: str | None, private: bool) -> None:
     """Push what a command wrote, when ``--push-to-hub`` was given."""
     if repo_id is None:
         return
-    from driftmerge.publish import push_folder
+    from driftmerge.hub.publish import push_folder
 
     report_push(push_folder(str(out_dir), repo_id, private=private))
 
@@ -51,7 +51,7 @@ def check_push_target(repo_id: str | None) -> None:
     """Fail on a malformed repo id or a missing token before the long work, not after it."""
     if repo_id is None:
         return
-    from driftmerge.publish import check_repo_id, require_token
+    from driftmerge.hub.publish import check_repo_id, require_token
 
     check_repo_id(repo_id)
     require_token(repo_id)

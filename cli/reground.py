@@ -21,7 +21,7 @@ def reground_cmd(run_dir: str, every: int, jump: int, base: str | None, base_ste
                  rank: int | float, fit: str, once: bool, poll: float) -> None:  # fmt: skip
     """Whenever M more steps of the run are saved, fit their drift and write the model N steps ahead
     (OUT/step_<S>, a Hugging Face checkpoint) for the next training stage to resume from."""
-    from driftmerge.reground_dir import reground_run_dir
+    from driftmerge.commands.reground_run import reground_run_dir
 
     done = reground_run_dir(run_dir, every, jump, base, base_step, out, rank, fit, once, poll,
                             log=lambda s: click.echo(s, err=True))  # fmt: skip

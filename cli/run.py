@@ -8,7 +8,7 @@ import click
 from driftmerge_cli.common import command_line, progress_bar
 
 if TYPE_CHECKING:  # the library (torch, pydantic) loads when the command runs, so --help stays instant
-    from driftmerge.recipes import StageResult
+    from driftmerge.commands.recipes import StageResult
 
 
 @click.command("run")
@@ -19,7 +19,7 @@ def run_cmd(recipe: str, dry_run: bool) -> None:
 
     Relative paths in the recipe are taken from the current folder, as on the command line.
     """
-    from driftmerge.recipes import load_recipe, preflight, stages
+    from driftmerge.commands.recipes import load_recipe, preflight, stages
 
     job = load_recipe(recipe)
     todo = stages(job)

@@ -32,12 +32,12 @@ def sweep_cmd(adapter: str, base: str | None, scales: list[float], prompts: str 
               eval_cmd: str | None, mode: str, device: str, out: str, apply_best: str | None, overwrite: bool,
               **sampling: object) -> None:  # fmt: skip
     """Score each scale along the drift in ADAPTER with a verifiable reward and report the best one."""
-    from driftmerge.apply import apply_drift
-    from driftmerge.generation import SamplingOptions
-    from driftmerge.outputs import atomic_output_dir, check_output_dir
-    from driftmerge.report import pyplot
-    from driftmerge.sweep import SweepOptions, run_sweep
-    from driftmerge.sweep_report import text_table, write_outputs
+    from driftmerge.commands.apply import apply_drift
+    from driftmerge.commands.sweep import SweepOptions, run_sweep
+    from driftmerge.evaluation.generation import SamplingOptions
+    from driftmerge.io.outputs import atomic_output_dir, check_output_dir
+    from driftmerge.reports.linearity import pyplot
+    from driftmerge.reports.sweep import text_table, write_outputs
 
     if reward is None and eval_cmd is None:
         reward = "exact-number"

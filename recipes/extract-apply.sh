@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run as-is:   bash recipes/extract-apply.sh                       (builds a tiny planted run first, no downloads)
+# Run as-is:   bash recipes/extract-apply.sh                       (copies the demo's tiny GRPO run first, no downloads)
 # On yours:    bash recipes/extract-apply.sh BASE RUN/checkpoint-*
 #
 # The extract -> apply flow with every knob spelled out. Edit the variables, or override them from the
@@ -21,9 +21,11 @@ DTYPE=${DTYPE:-auto}              # storage dtype of the model: auto = the base'
 SHARD=${SHARD:-5GB}               # largest safetensors shard of the model
 
 if [ "$#" -eq 0 ]; then
-  # No checkpoints given: make a tiny Llama-shaped base + checkpoint-100/200/300 with a planted drift.
-  python -c "from driftmerge.synthetic import make_run; make_run('$WORK/run', noise=0.05)"
-  set -- "$WORK/run/base" "$WORK/run/checkpoint-100" "$WORK/run/checkpoint-200" "$WORK/run/checkpoint-300"
+  # No checkpoints given: the tiny GRPO run `driftmerge demo` ships (base + checkpoint-50/100/150/200).
+  rm -rf "$WORK/run" && mkdir -p "$WORK"
+  python -c "from pathlib import Path; from driftmerge.commands.demo import copy_run; copy_run(Path('$WORK'))"
+  set -- "$WORK/run/base" "$WORK/run/checkpoint-50" "$WORK/run/checkpoint-100" "$WORK/run/checkpoint-150" \
+    "$WORK/run/checkpoint-200"
 fi
 
 # 1. Fit the drift and store it as a PEFT LoRA adapter (steps are read from the checkpoint folder names;

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from driftmerge.synthetic import SyntheticRun, make_run
+from synthetic import SyntheticRun, make_run
 
 torch.set_num_threads(2)
 

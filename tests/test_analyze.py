@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_one_line_error, load_weights
+from synthetic import make_run
 
-from driftmerge.analysis import element_r2, tensor_stats
-from driftmerge.analyze import AnalyzeOptions, analyze
-from driftmerge.synthetic import make_run
-from driftmerge.trajectory import LineAccumulator
+from driftmerge.commands.analyze import AnalyzeOptions, analyze
+from driftmerge.core.linearity import element_r2, tensor_stats
+from driftmerge.core.trajectory import LineAccumulator
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "report.schema.json").read_text())
 STEPS = (100, 200, 300, 400)
@@ -134,7 +134,7 @@ def _tiny_tokenizer(folder: Path, vocab: int = 64) -> None:
 def test_logprob_linearity_runs_and_scores_like_a_manual_forward(tmp_path, cli):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from driftmerge.logprobs import response_logprobs
+    from driftmerge.evaluation.logprobs import response_logprobs
 
     run = make_run(tmp_path / "run", steps=STEPS, noise=0.0, drift_rms=2e-2)
     _tiny_tokenizer(run.base)

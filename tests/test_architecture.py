@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from driftmerge.architecture import DENSE_DECODERS, _from_skeleton, describe
+from driftmerge.io.architecture import DENSE_DECODERS, _from_skeleton, describe
 
 TINY = dict(
     hidden_size=32,

@@ -10,8 +10,7 @@ import sys
 import pytest
 from helpers import assert_one_line_error, leftovers
 from safetensors.torch import load_file, save_file
-
-from driftmerge.synthetic import make_run
+from synthetic import make_run
 
 
 def test_extract_and_apply_with_defaults(runs, tmp_path, monkeypatch, cli):

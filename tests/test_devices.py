@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from driftmerge.adapter import read_adapter
+from driftmerge.commands.extract import ExtractOptions, extract
+from driftmerge.core.devices import resolve_device
 from driftmerge.errors import InputError
-from driftmerge.extract import ExtractOptions, extract, resolve_device
+from driftmerge.io.adapter import read_adapter
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import leftovers
 from safetensors.torch import load_file, save_file
+from synthetic import make_run
 
-from driftmerge.apply import plan_shards
-from driftmerge.distributed import Dist
-from driftmerge.synthetic import make_run
+from driftmerge.commands.apply import plan_shards
+from driftmerge.commands.distributed import Dist
 
 
 def _env() -> dict[str, str]:

@@ -11,14 +11,14 @@ import pytest
 import torch
 from helpers import load_weights
 from safetensors.torch import load_file, save_file
+from synthetic import make_run
 from transformers import AutoModelForCausalLM
 
-from driftmerge.adapter import read_adapter
-from driftmerge.apply import apply_drift
-from driftmerge.checkpoints import Checkpoint, resolve_steps, step_from_path
+from driftmerge.commands.apply import apply_drift
+from driftmerge.commands.extract import ExtractOptions, extract
 from driftmerge.errors import InputError
-from driftmerge.extract import ExtractOptions, extract
-from driftmerge.synthetic import make_run
+from driftmerge.io.adapter import read_adapter
+from driftmerge.io.checkpoints import Checkpoint, resolve_steps, step_from_path
 
 
 def test_planted_rank1_direction_is_recovered(tmp_path):
@@ -141,7 +141,7 @@ def test_memory_budget_and_grouping_do_not_change_a_byte(runs, tmp_path, monkeyp
     run = runs["llama"]
     caplog.set_level(logging.INFO, logger="driftmerge")
     # a big budget: one batch per shape; a 1-byte one: no read-ahead, and every matrix factorized on its own
-    monkeypatch.setattr("driftmerge.extract.MIN_MEMORY", 1)
+    monkeypatch.setattr("driftmerge.commands.extract.MIN_MEMORY", 1)
     for name, budget in (("a", 8 << 30), ("b", 1)):
         caplog.clear()
         res = extract(run.base, run.checkpoints, tmp_path / name, ExtractOptions(rank=2, max_memory=budget))

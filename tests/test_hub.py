@@ -68,7 +68,7 @@ def test_extract_from_hub_ids_equals_local_and_records_commits(hub_run, fake_hub
 
 
 def test_safetensors_are_preferred_and_pickles_fetched_only_without_them(fake_hub, runs, tmp_path):
-    from driftmerge.hub import resolve
+    from driftmerge.hub.refs import resolve
 
     base = runs["llama"].base
     files = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from driftmerge.lowrank import factorize, matrix_seed, select_rank
+from driftmerge.core.lowrank import factorize, matrix_seed, select_rank
 
 
 def real_looking(m: int, n: int, seed: int, rank: int = 1, noise: float = 0.1) -> torch.Tensor:
@@ -128,7 +128,7 @@ def test_bfloat16_compute_keeps_energy():
 
 def test_batched_path_freezes_each_matrix_at_its_own_iteration():
     # the path CUDA takes (one batch, converged matrices frozen), exercised on the CPU
-    from driftmerge.lowrank import _factorize_batch
+    from driftmerge.core.lowrank import _factorize_batch
 
     planted = real_looking(300, 200, 0, noise=0.01)
     flat = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))

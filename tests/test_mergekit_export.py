@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_one_line_error, leftovers, load_weights, run_cli
+from synthetic import make_run
 
-from driftmerge.apply import apply_drift
+from driftmerge.commands.apply import apply_drift
+from driftmerge.commands.export_mergekit import build_config, checkpoint_weights, export_mergekit, render_yaml
+from driftmerge.commands.extract import ExtractOptions, extract
+from driftmerge.core.trajectory import LineAccumulator
 from driftmerge.errors import InputError
-from driftmerge.extract import ExtractOptions, extract
-from driftmerge.mergekit_export import build_config, checkpoint_weights, export_mergekit, render_yaml
-from driftmerge.synthetic import make_run
-from driftmerge.trajectory import LineAccumulator
 
 MERGEKIT_YAML = shutil.which("mergekit-yaml")
 needs_mergekit = pytest.mark.skipif(MERGEKIT_YAML is None, reason="no mergekit-yaml (pip install -e '.[dev]')")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from helpers import load_weights
 from peft import PeftModel
+from synthetic import make_run
 from transformers import AutoModelForCausalLM
 
-from driftmerge.apply import apply_drift
-from driftmerge.extract import ExtractOptions, extract
-from driftmerge.synthetic import make_run
+from driftmerge.commands.apply import apply_drift
+from driftmerge.commands.extract import ExtractOptions, extract
 
 
 def peft_merged(base_dir, adapter_dir) -> dict[str, torch.Tensor]:

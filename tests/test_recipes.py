@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_line_error
 
-from driftmerge.demo import copy_run
-from driftmerge.recipes import MIN_MEMORY, OPTION_KEYS, Recipe, load_recipe, plan, run_recipe
+from driftmerge.commands.demo import copy_run
+from driftmerge.commands.recipes import MIN_MEMORY, OPTION_KEYS, Recipe, load_recipe, plan, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -54,8 +54,8 @@ def test_every_key_of_a_recipe_has_a_comment(path):
 
 
 def test_recipe_keys_follow_the_library():
-    from driftmerge.extract import MIN_MEMORY as LIBRARY_MIN_MEMORY
-    from driftmerge.extract import ExtractOptions
+    from driftmerge.commands.extract import MIN_MEMORY as LIBRARY_MIN_MEMORY
+    from driftmerge.commands.extract import ExtractOptions
 
     assert set(OPTION_KEYS) <= {f.name for f in dataclasses.fields(ExtractOptions)}
     assert MIN_MEMORY == LIBRARY_MIN_MEMORY
@@ -173,15 +173,15 @@ def test_existing_output_stops_the_job_before_it_starts(tmp_path, monkeypatch, w
 
 @pytest.fixture
 def stub_publish(monkeypatch):
-    """A stand-in ``driftmerge.publish.push_folder`` (no network, whatever publish.py holds) and a token."""
+    """A stand-in ``driftmerge.hub.publish.push_folder`` (no network, whatever publish.py holds) and a token."""
     import huggingface_hub
 
     calls = []
-    fake = types.ModuleType("driftmerge.publish")
+    fake = types.ModuleType("driftmerge.hub.publish")
     fake.LOGIN = "log in"
     fake.require_token = lambda repo_id: None
     fake.push_folder = lambda folder, repo_id, **kw: calls.append((Path(folder), repo_id, kw)) or f"pushed {repo_id}"
-    monkeypatch.setitem(sys.modules, "driftmerge.publish", fake)
+    monkeypatch.setitem(sys.modules, "driftmerge.hub.publish", fake)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_test")
     return calls
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import assert_one_line_error, load_weights
+from synthetic import make_run, tiny_config
 
-from driftmerge.apply import apply_drift
-from driftmerge.extract import ExtractOptions, extract
-from driftmerge.synthetic import make_run, tiny_config
+from driftmerge.commands.apply import apply_drift
+from driftmerge.commands.extract import ExtractOptions, extract
 
 M, K, N = 8, 4, 4  # every 8 steps, 4 snapshots, jump 4 steps ahead: scale (8 + 4) / 8 = 1.5
 

@@ -23,10 +23,10 @@ from helpers import assert_one_line_error, leftovers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from synthetic import SyntheticRun, make_run
 
-from driftmerge.checkpoints import Checkpoint
 from driftmerge.errors import InputError
-from driftmerge.synthetic import SyntheticRun, make_run
+from driftmerge.io.checkpoints import Checkpoint
 
 
 def snapshot(*folders: Path) -> dict[str, tuple[str, int, int]]:
@@ -168,7 +168,7 @@ def _identical(run, tmp, out):
 
 def _adapter(run: SyntheticRun, tmp: Path) -> Path:
     """A good adapter, made once per test that needs one."""
-    from driftmerge.extract import ExtractOptions, extract
+    from driftmerge.commands.extract import ExtractOptions, extract
 
     return extract(run.base, run.checkpoints, tmp / "adapter", ExtractOptions()).out_dir
 
@@ -352,7 +352,7 @@ def _kill_mid_write(module: str, args: list, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "command, module",
-    [("extract", "driftmerge.adapter"), ("apply", "driftmerge.apply")],
+    [("extract", "driftmerge.io.adapter"), ("apply", "driftmerge.commands.apply")],
 )
 def test_sigkill_mid_write_leaves_no_output_or_the_previous_one(command, module, runs, tmp_path, cli):
     run = runs["llama"]
@@ -382,7 +382,9 @@ def test_sigkill_mid_write_leaves_no_output_or_the_previous_one(command, module,
 
 
 # ---- a full disk: a clear error, no partial output ---------------------------------------------------------------
-@pytest.mark.parametrize("command, module", [("extract", "driftmerge.adapter"), ("apply", "driftmerge.apply")])
+@pytest.mark.parametrize(
+    "command, module", [("extract", "driftmerge.io.adapter"), ("apply", "driftmerge.commands.apply")]
+)
 def test_full_disk_gives_a_clear_error_and_no_output(command, module, runs, tmp_path, cli, monkeypatch):
     run = runs["llama"]
     adapter = tmp_path / "adapter"

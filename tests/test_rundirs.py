@@ -8,7 +8,7 @@ import pytest
 from helpers import assert_one_line_error
 
 from driftmerge.errors import InputError
-from driftmerge.rundirs import discover, select
+from driftmerge.io.rundirs import discover, select
 
 
 def trl_tree(runs, root):
@@ -42,7 +42,7 @@ def test_verl_tree_and_its_unconverted_actor(runs, tmp_path):
 
 
 def test_selection_every_range_last():
-    from driftmerge.rundirs import Found
+    from driftmerge.io.rundirs import Found
 
     found = [Found(s, None) for s in (50, 100, 150, 200, 250, 300)]  # type: ignore[arg-type]
     assert [f.step for f in select(found, every=100)] == [100, 200, 300]

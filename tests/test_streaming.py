@@ -12,9 +12,9 @@ import pytest
 import torch
 from helpers import run_cli
 
-from driftmerge.checkpoints import Checkpoint
-from driftmerge.memory import keep_freed_buffers
-from driftmerge.prefetch import Prefetcher
+from driftmerge.io.checkpoints import Checkpoint
+from driftmerge.io.memory import keep_freed_buffers
+from driftmerge.io.prefetch import Prefetcher
 
 
 def test_prefetch_keeps_order_and_stays_within_bytes():

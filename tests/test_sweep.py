@@ -8,14 +8,15 @@ import sys
 import pytest
 import torch
 from helpers import assert_one_line_error, load_weights
+from synthetic import make_run
 
-from driftmerge.apply import apply_drift
-from driftmerge.extract import ExtractOptions, extract
-from driftmerge.generation import LogitExtrapolation, SamplingOptions, generate
-from driftmerge.inplace import DriftedModel
-from driftmerge.models import load_causal_lm, load_tokenizer
-from driftmerge.rewards import boxed, exact_number, last_boxed, last_number, load_reward
-from driftmerge.synthetic import char_tokenizer, make_run
+from driftmerge.commands.apply import apply_drift
+from driftmerge.commands.extract import ExtractOptions, extract
+from driftmerge.evaluation.addition import char_tokenizer
+from driftmerge.evaluation.generation import LogitExtrapolation, SamplingOptions, generate
+from driftmerge.evaluation.inplace import DriftedModel
+from driftmerge.evaluation.rewards import boxed, exact_number, last_boxed, last_number, load_reward
+from driftmerge.io.models import load_causal_lm, load_tokenizer
 
 PROMPTS = ["1+2=", "13+4=", "7+70=", "2+2+2="]  # different lengths: batches are left-padded
 GREEDY = SamplingOptions(max_new_tokens=6)
@@ -58,7 +59,7 @@ def test_built_in_rewards():
 def test_custom_reward_from_a_file_and_errors(tmp_path):
     (tmp_path / "rw.py").write_text("def score(prompt, completion, answer):\n    return float(len(completion))\n")
     assert load_reward(f"{tmp_path / 'rw.py'}:score")("p", "abc", None) == 3.0
-    assert load_reward("driftmerge.rewards:boxed") is boxed
+    assert load_reward("driftmerge.evaluation.rewards:boxed") is boxed
     from driftmerge.errors import InputError
 
     for spec, fragment in [("nope", "give exact-number"), (f"{tmp_path / 'rw.py'}:missing", "no function missing"),

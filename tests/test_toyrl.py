@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from driftmerge.rundirs import discover
-from driftmerge.toyrl import SMALL, problems, reward
+from toyrl import SMALL, problems, reward
+
+from driftmerge.io.rundirs import discover
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy-rlvr" / "run.py"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from driftmerge.trajectory import LineAccumulator
+from driftmerge.core.trajectory import LineAccumulator
 
 
 def _fit(deltas: np.ndarray, t: list[float], fit: str):

@@ -7,8 +7,9 @@
     trainer.train()
 
 Every ``every`` optimizer steps the callback fits the drift of the window that just ended over ``window`` in-memory
-snapshots of the trainable weights (``extract``'s math, no disk round trip; see :mod:`driftmerge.reground`) and moves
-the live model ``jump`` steps ahead along it (or to ``scale`` times the window's drift); training resumes from there.
+snapshots of the trainable weights (``extract``'s math, no disk round trip; see :mod:`driftmerge.core.reground`) and
+moves the live model ``jump`` steps ahead along it (or to ``scale`` times the window's drift); training resumes from
+there.
 It logs ``drift/scale``, ``drift/median_r2``, ``drift/energy_kept`` and, when the trainer logs a reward (any key
 ending in ``reward``), ``drift/reward_before`` and then ``drift/reward_after`` through the trainer's own logging.
 
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from driftmerge.reground import OPTIMIZER_STATE, Jump, Regrounder, jump_scale, reset_moments
+from driftmerge.core.reground import OPTIMIZER_STATE, Jump, Regrounder, jump_scale, reset_moments
 
 logger = logging.getLogger("driftmerge")
 

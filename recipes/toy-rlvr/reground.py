@@ -2,7 +2,7 @@
 # Run:   python recipes/toy-rlvr/reground.py [--seeds 0,1,2] [-o reground-out]
 #
 # Re-grounding on the toy RLVR recipe (--small setting): GRPO steps until held-out greedy accuracy reaches 0.5,
-# plain and with the engine of driftmerge's Trainer callback (driftmerge.reground.Regrounder) jumping N steps ahead
+# plain and with the engine of driftmerge's Trainer callback (driftmerge.core.reground.Regrounder) jumping N steps ahead
 # after every M steps, for a few (M, N, rank) settings, from the same supervised start per seed.
 # About 8 minutes for 3 seeds on 2 CPU cores. Writes reground.json and prints a markdown table.
 from __future__ import annotations
@@ -12,8 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-
-from driftmerge.toyrl import config_for, steps_to_threshold, supervised_start
+from toyrl import config_for, steps_to_threshold, supervised_start
 
 THRESHOLD, MAX_STEPS = 0.5, 300
 SETTINGS = {  # name: (M, N, rank, optimizer)

@@ -22,8 +22,7 @@ import argparse
 import dataclasses
 
 import torch
-
-from driftmerge.toyrl import config_for, run
+from toyrl import config_for, run
 
 
 def main() -> None:

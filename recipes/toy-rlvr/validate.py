@@ -21,15 +21,15 @@ import time
 from pathlib import Path
 
 import torch
+from toyrl import accuracy, config_for, reward, run, steps_to_threshold, supervised_start
 
-from driftmerge.analyze import AnalyzeOptions, analyze
-from driftmerge.apply import apply_drift
-from driftmerge.extract import ExtractOptions, extract
-from driftmerge.generation import SamplingOptions, generate
-from driftmerge.models import load_causal_lm
-from driftmerge.report import pyplot
-from driftmerge.sweep import SweepOptions, run_sweep
-from driftmerge.toyrl import accuracy, config_for, reward, run, steps_to_threshold, supervised_start
+from driftmerge.commands.analyze import AnalyzeOptions, analyze
+from driftmerge.commands.apply import apply_drift
+from driftmerge.commands.extract import ExtractOptions, extract
+from driftmerge.commands.sweep import SweepOptions, run_sweep
+from driftmerge.evaluation.generation import SamplingOptions, generate
+from driftmerge.io.models import load_causal_lm
+from driftmerge.reports.linearity import pyplot
 
 EXTRAP_FROM = 100  # fit on checkpoints up to this step ...
 EXTRAP_TO = (125, 150, 200)  # ... and compare with the real checkpoints at these steps

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from driftmerge.analysis import R2_THRESHOLD
+from driftmerge.core.linearity import R2_THRESHOLD
 from driftmerge.errors import InputError
 
 

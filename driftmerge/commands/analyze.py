@@ -14,15 +14,15 @@ from typing import Any
 
 import torch
 
-from driftmerge.adapter import META, read_adapter
-from driftmerge.analysis import TensorStats, layer_of, module_type, tensor_stats
-from driftmerge.architecture import describe
-from driftmerge.checkpoints import open_run
+from driftmerge.core.devices import resolve_device
+from driftmerge.core.linearity import TensorStats, layer_of, module_type, tensor_stats
 from driftmerge.errors import InputError
-from driftmerge.extract import raise_not_finite, resolve_device
-from driftmerge.outputs import atomic_output_dir, check_output_dir
-from driftmerge.report import build_report, check_plotting, draw_figures, markdown, summary_rows, write_json
-from driftmerge.stream import stream_deltas
+from driftmerge.io.adapter import META, read_adapter
+from driftmerge.io.architecture import describe
+from driftmerge.io.checkpoints import open_run
+from driftmerge.io.outputs import atomic_output_dir, check_output_dir
+from driftmerge.io.stream import raise_not_finite, stream_deltas
+from driftmerge.reports.linearity import build_report, check_plotting, draw_figures, markdown, summary_rows, write_json
 
 Progress = Callable[[int, int, str], None]
 
@@ -102,7 +102,7 @@ def analyze(
 
     logprobs = None
     if pairs is not None:
-        from driftmerge.logprobs import logprob_linearity  # transformers: only when asked
+        from driftmerge.evaluation.logprobs import logprob_linearity  # transformers: only when asked
 
         logprobs = logprob_linearity(base_ck.path, [c.path for c in cks], pairs, t, opts, device)
     refs = {

@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from driftmerge.analysis import R2_THRESHOLD, TensorStats, group_by, model_projection, summarize
+from driftmerge.core.linearity import R2_THRESHOLD, TensorStats, group_by, model_projection, summarize
 from driftmerge.errors import DriftmergeError
 
 REPORT_FORMAT = "driftmerge-analysis"

@@ -10,14 +10,13 @@ scale 1 and the extrapolated one on the recipe's held-out problems, whatever the
 from __future__ import annotations
 
 import json
-import random
 import shutil
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from driftmerge.apply import ApplyResult, apply_drift
-from driftmerge.extract import ExtractOptions, ExtractResult, extract
+from driftmerge.commands.apply import ApplyResult, apply_drift
+from driftmerge.commands.extract import ExtractOptions, ExtractResult, extract
 
 DEMO_STEPS = (50, 100, 150, 200)
 DEMO_SCALE = 1.5
@@ -43,12 +42,12 @@ def copy_run(folder: Path) -> Path:
 
 def run_demo(folder: str | Path, progress=None) -> DemoReport:  # type: ignore[no-untyped-def]
     """Copy the run under ``folder``, extract at rank 1, apply at scale 1 and 1.5, score them all."""
-    from driftmerge.models import load_causal_lm, load_tokenizer
-    from driftmerge.toyrl import ToyConfig, accuracy, problems
+    from driftmerge.evaluation.addition import accuracy, held_out, max_new_tokens
+    from driftmerge.io.models import load_causal_lm, load_tokenizer
 
     folder = Path(folder)
     run = copy_run(folder)
-    cfg = ToyConfig(**json.loads((run / "run.json").read_text())["config"])
+    cfg = json.loads((run / "run.json").read_text())["config"]  # the recipe's ToyConfig, as recorded
     cks = [run / f"checkpoint-{s}" for s in DEMO_STEPS]
     adapter = folder / "driftmerge-adapter"
     cmd = "driftmerge extract run/base " + " ".join(f"run/checkpoint-{s}" for s in DEMO_STEPS)
@@ -56,8 +55,8 @@ def run_demo(folder: str | Path, progress=None) -> DemoReport:  # type: ignore[n
     applied = apply_drift(adapter, folder / "driftmerge-model", scale=DEMO_SCALE, progress=progress,
                           command=f"driftmerge apply driftmerge-adapter --scale {DEMO_SCALE}")  # fmt: skip
     at_one = apply_drift(adapter, folder / "model-scale-1", scale=1.0, progress=progress)
-    held_out = problems(cfg.eval_size, cfg.digits, random.Random(10_000 + cfg.seed))  # the recipe's held-out set
+    problems = held_out(cfg["eval_size"], cfg["digits"], cfg["seed"])
     tok = load_tokenizer(run / "base")
     models = {"base": run / "base", "last": cks[-1], "rank1": at_one.out_dir, "extrapolated": applied.out_dir}
-    acc = {k: accuracy(load_causal_lm(p), tok, held_out, cfg.max_new_tokens) for k, p in models.items()}
-    return DemoReport(folder, extracted, applied, acc, len(held_out))
+    acc = {k: accuracy(load_causal_lm(p), tok, problems, max_new_tokens(cfg["digits"])) for k, p in models.items()}
+    return DemoReport(folder, extracted, applied, acc, len(problems))

@@ -2,7 +2,7 @@
 
 Stages (all seeded, CPU, no downloads):
 
-1. build a tiny Llama-shaped model and a character tokenizer (:func:`driftmerge.synthetic.char_tokenizer`);
+1. build a tiny Llama-shaped model and a character tokenizer (:func:`driftmerge.evaluation.addition.char_tokenizer`);
 2. supervised training on ``"a+b=" -> "c<eos>"`` until greedy accuracy on a held-out set reaches
    ``sft_target`` (partial accuracy: the room RL needs), saved as ``base/`` (step 0);
 3. ``rl``: GRPO — per step, ``group`` completions for each of ``batch`` prompts sampled at temperature 1, reward
@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from driftmerge.rewards import exact_number
+from driftmerge.evaluation.addition import accuracy, char_tokenizer, max_new_tokens, problems, reward, sample
+from driftmerge.evaluation.addition import held_out as held_out_problems
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class ToyConfig:
 
     @property
     def max_new_tokens(self) -> int:
-        return self.digits + 2  # the sum's digits and <eos>
+        return max_new_tokens(self.digits)
 
 
 # CI and the demo (about 40 s on 2 cores), and the default (a few minutes)
@@ -57,28 +58,11 @@ SMALL = ToyConfig(digits=2, sft_target=0.3, rl_lr=5e-4, batch=64, rl_steps=200, 
 DEFAULT = ToyConfig(digits=2, hidden=96, sft_target=0.3, rl_lr=5e-4, batch=64, rl_steps=600, save_every=50)
 
 
-# ---- the task --------------------------------------------------------------------------------------------------------
-def problems(n: int, digits: int, rng: random.Random) -> list[tuple[str, str]]:
-    """``n`` prompts ``"a+b="`` with their answers, operands of 1..digits digits."""
-    out = []
-    for _ in range(n):
-        a, b = (rng.randrange(10 ** rng.randint(1, digits)) for _ in range(2))
-        out.append((f"{a}+{b}=", str(a + b)))
-    return out
-
-
-def reward(completion: str, answer: str) -> float:
-    """1.0 when the completion's number is the sum (the built-in ``exact-number`` reward), else 0.0."""
-    return exact_number("", completion, answer)
-
-
 # ---- model -----------------------------------------------------------------------------------------------------------
 def build(cfg: ToyConfig) -> tuple[Any, Any]:
     """A fresh tiny Llama and the character tokenizer, seeded."""
     from transformers import AutoModelForCausalLM, LlamaConfig
     from transformers.utils import logging as hf_logging
-
-    from driftmerge.synthetic import char_tokenizer
 
     hf_logging.disable_progress_bar()  # "Writing model shards" per checkpoint
     torch.manual_seed(cfg.seed)
@@ -124,24 +108,6 @@ def sft_step(model: Any, tok: Any, opt: torch.optim.Optimizer, pairs: list[tuple
     return float(loss.detach())
 
 
-@torch.no_grad()
-def sample(model: Any, tok: Any, prompts: list[str], n: int, greedy: bool, max_new_tokens: int) -> list[list[str]]:
-    """``n`` completions per prompt (greedy, or temperature 1 sampling from the global generator)."""
-    enc = tok([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True, add_special_tokens=False)
-    knobs = {"do_sample": not greedy, "temperature": None if greedy else 1.0, "top_p": None, "top_k": None}
-    out = model.generate(**enc, **knobs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)  # fmt: skip
-    texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
-
-
-def accuracy(model: Any, tok: Any, pairs: list[tuple[str, str]], max_new_tokens: int) -> float:
-    """Greedy accuracy on ``pairs``."""
-    model.eval()
-    got = sample(model, tok, [p for p, _ in pairs], 1, True, max_new_tokens)
-    return sum(reward(g[0], a) for g, (_, a) in zip(got, pairs, strict=True)) / len(pairs)
-
-
 def grpo_step(model: Any, tok: Any, opt: torch.optim.Optimizer, pairs: list[tuple[str, str]], cfg: ToyConfig) -> float:
     """One GRPO update; returns the batch's mean reward."""
     model.eval()
@@ -167,7 +133,7 @@ def supervised_start(cfg: ToyConfig, log: Callable[[str], None] = print) -> tupl
     """Build the model and train it on the task up to ``cfg.sft_target`` held-out accuracy."""
     model, tok = build(cfg)
     rng = random.Random(cfg.seed)
-    held_out = problems(cfg.eval_size, cfg.digits, random.Random(10_000 + cfg.seed))
+    held_out = held_out_problems(cfg.eval_size, cfg.digits, cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.sft_lr)
     acc, step = 0.0, 0
     for step in range(1, cfg.sft_max_steps + 1):
@@ -245,14 +211,14 @@ def steps_to_threshold(
 ) -> dict[str, Any]:
     """GRPO steps until held-out greedy accuracy reaches ``threshold`` (checked every ``check_every`` steps).
 
-    ``reground=(M, N)``: :class:`driftmerge.reground.Regrounder` (the engine of the Trainer callback) every M steps
+    ``reground=(M, N)``: :class:`driftmerge.core.reground.Regrounder` (the engine of the Trainer callback) every M steps
     fits the line through the window's start and ``snapshots`` evenly spaced snapshots (``rank``: None = full) and
     jumps N steps ahead; ``optimizer``: keep or reset Adam's moments. Jumps cost no RL steps. Returns the steps
     needed (None when not reached), the jumps and the accuracy curve.
     """
     import copy
 
-    from driftmerge.reground import Regrounder, reset_moments
+    from driftmerge.core.reground import Regrounder, reset_moments
 
     model, tok, info = copy.deepcopy(start[0]), start[1], start[2]
     rng = random.Random(1_000 + cfg.seed)

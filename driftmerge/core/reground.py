@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from driftmerge.apply import moved
-from driftmerge.lowrank import factorize, matrix_seed
-from driftmerge.trajectory import LineAccumulator
+from driftmerge.core.drift import moved
+from driftmerge.core.lowrank import factorize, matrix_seed
+from driftmerge.core.trajectory import LineAccumulator
 
 OPTIMIZER_STATE = ("keep", "reset")
 

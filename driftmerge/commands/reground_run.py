@@ -49,7 +49,7 @@ def reground_run_dir(
     log: Callable[[str], None] = print,
 ) -> list[Window]:
     """Process every complete window (and with ``once=False`` keep watching); return the windows written now."""
-    from driftmerge.rundirs import discover
+    from driftmerge.io.rundirs import discover
 
     if every < 1 or jump < 0:
         raise InputError(f"--every must be at least 1 and --jump 0 or more, got {every} and {jump}")
@@ -118,8 +118,8 @@ def _start_path(step: int, state: dict[str, Any], found: dict[int, Path], base: 
 
 def _write_window(start: Path, cks: list[Path], steps: list[int], window: Window, every: int, jump: int,
                   rank: int | float, fit: str, out: Path) -> None:  # fmt: skip
-    from driftmerge.apply import apply_drift
-    from driftmerge.extract import ExtractOptions, extract
+    from driftmerge.commands.apply import apply_drift
+    from driftmerge.commands.extract import ExtractOptions, extract
 
     adapter = out / f"drift_{window.start}-{window.end}"
     extract(start, cks, adapter, ExtractOptions(steps=steps, base_step=0, rank=rank, fit=fit), overwrite=True)

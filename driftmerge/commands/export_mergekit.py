@@ -30,11 +30,12 @@ from typing import Any
 import yaml
 
 from driftmerge import __version__
-from driftmerge.adapter import Adapter, read_adapter
-from driftmerge.apply import check_matches_base, scale_for_step, step_for_scale
-from driftmerge.checkpoints import Checkpoint, check_compatible
+from driftmerge.core.drift import scale_for_step, step_for_scale
 from driftmerge.errors import InputError, OutputError
-from driftmerge.outputs import check_output_file, write_text_atomic
+from driftmerge.io.adapter import Adapter, read_adapter
+from driftmerge.io.checkpoints import Checkpoint, check_compatible
+from driftmerge.io.outputs import check_output_file, write_text_atomic
+from driftmerge.io.sources import check_matches_base
 
 VIAS = ("checkpoints", "lora")
 DTYPES = ("bfloat16", "float16", "float32")

@@ -1,6 +1,6 @@
 """How linear was this run, and how much does rank 1 hold: per-tensor trajectory statistics (pure math, no I/O).
 
-Notation as in :mod:`driftmerge.trajectory`: deltas ``D_i = W_i - W_0`` at relative steps ``t_i``; the points of a
+Notation as in :mod:`driftmerge.core.trajectory`: deltas ``D_i = W_i - W_0`` at relative steps ``t_i``; the points of a
 fit are the base ``(0, 0)`` and the checkpoints (n = N + 1). All whole-tensor numbers come from the Gram matrix
 ``G_ij = ⟨D_i, D_j⟩`` (float64 sums of chunked float32 dots):
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from driftmerge.lowrank import matrix_seed, randomized_svd
-from driftmerge.trajectory import _dot
+from driftmerge.core.lowrank import matrix_seed, randomized_svd
+from driftmerge.core.trajectory import _dot
 
 R2_THRESHOLD = 0.7  # the seed paper's bar for "linear"
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")

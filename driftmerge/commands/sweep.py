@@ -3,10 +3,10 @@
 Modes:
 
 - ``weights`` (default): the base is loaded once and moved in place from scale to scale
-  (:class:`driftmerge.inplace.DriftedModel`), so a sweep costs one model load plus generation; each scale's
-  completions are scored with a verifiable reward (:mod:`driftmerge.rewards`).
+  (:class:`driftmerge.evaluation.inplace.DriftedModel`), so a sweep costs one model load plus generation; each scale's
+  completions are scored with a verifiable reward (:mod:`driftmerge.evaluation.rewards`).
 - ``logits``: output-space extrapolation, ``z = z_base + alpha (z_1 - z_base)`` with ``z_1`` the model at scale 1
-  (:mod:`driftmerge.generation`); the sweep's values are alphas.
+  (:mod:`driftmerge.evaluation.generation`); the sweep's values are alphas.
 - ``eval_cmd``: each scale is written with ``apply`` into a temporary folder and an external command scores it;
   its last line of output is the reward (a number, or JSON with ``"reward"`` and optionally ``"se"``).
 
@@ -16,19 +16,15 @@ Per scale: the mean reward over prompts and samples, and its standard error over
 
 from __future__ import annotations
 
-import json
 import math
-import shlex
-import statistics
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from driftmerge.errors import InputError
-from driftmerge.generation import SamplingOptions, read_prompts
+from driftmerge.evaluation.generation import SamplingOptions, read_prompts
+from driftmerge.evaluation.scoring import ScaleResult, SweepResult, run_eval_cmd, score, summarize
 
 MODES = ("weights", "logits")
 Progress = Callable[[int, int, str], None]
@@ -62,37 +58,6 @@ class SweepOptions:
         self.sampling.validate()
 
 
-@dataclass
-class ScaleResult:
-    scale: float
-    step: float
-    mean: float
-    se: float | None  # None: one prompt, or an external evaluator that gave none
-    n: int  # rewards averaged (prompts x samples), 0 for an external evaluator
-    prompt_means: list[float] = field(default_factory=list)
-
-
-@dataclass
-class SweepResult:
-    mode: str
-    rows: list[ScaleResult]
-    checkpoint_scales: list[tuple[int, float]]  # (step, scale) of each checkpoint the drift was fitted on
-    completions: list[dict[str, Any]]  # every sample: scale, prompt index, sample, completion, reward
-    meta: dict[str, Any]
-
-    @property
-    def best(self) -> ScaleResult:
-        """The highest mean reward; a tie goes to the scale nearest 1 (the least extrapolation)."""
-        return max(self.rows, key=lambda r: (r.mean, -abs(r.scale - 1.0)))
-
-
-def summarize(scale: float, step: float, rewards: list[list[float]]) -> ScaleResult:
-    """Mean over all rewards, standard error over the per-prompt means."""
-    means = [statistics.fmean(r) for r in rewards]
-    se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else None
-    return ScaleResult(scale, step, statistics.fmean(x for r in rewards for x in r), se, sum(map(len, rewards)), means)
-
-
 def run_sweep(
     adapter: str | Path,
     prompts: str | Path | None,
@@ -101,7 +66,8 @@ def run_sweep(
     progress: Progress | None = None,
 ) -> SweepResult:
     """Score every scale of ``opts.scales`` (alphas in logits mode) and return the table."""
-    from driftmerge.apply import open_adapter, step_for_scale
+    from driftmerge.core.drift import step_for_scale
+    from driftmerge.io.sources import open_adapter
 
     opts.validate()
     _, adapter_data = open_adapter(adapter)
@@ -113,14 +79,14 @@ def run_sweep(
         return SweepResult(opts.mode, rows, ck_scales, [], meta)
     if prompts is None:
         raise InputError("--prompts: give the JSON-lines file of prompts (and answers) to score")
-    from driftmerge.rewards import BUILT_IN, load_reward
+    from driftmerge.evaluation.rewards import BUILT_IN, load_reward
 
     reward = load_reward(opts.reward)  # type: ignore[arg-type]
     records = read_prompts(prompts, need_answer=opts.reward in BUILT_IN)
     runner = _weights_runner if opts.mode == "weights" else _logits_runner
     rows, completions = [], []
     for i, (scale, texts) in enumerate(runner(adapter, base, records, opts)):
-        rewards = [[_score(reward, rec, t) for t in ts] for rec, ts in zip(records, texts, strict=True)]
+        rewards = [[score(reward, rec, t) for t in ts] for rec, ts in zip(records, texts, strict=True)]
         step = step_for_scale(scale, meta)
         rows.append(summarize(scale, step, rewards))
         completions += [
@@ -133,22 +99,12 @@ def run_sweep(
     return SweepResult(opts.mode, rows, ck_scales, completions, meta)
 
 
-def _score(reward: Callable[[str, str, str], float], rec: dict[str, Any], completion: str) -> float:
-    try:
-        value = float(reward(rec["prompt"], completion, rec.get("answer")))  # type: ignore[arg-type]
-    except Exception as exc:  # the user's reward failed: name it
-        raise InputError(f"the reward function failed on a completion ({type(exc).__name__}: {exc})") from exc
-    if not math.isfinite(value):
-        raise InputError(f"the reward function returned {value}; rewards must be finite numbers")
-    return value
-
-
 def _weights_runner(adapter, base, records, opts):  # type: ignore[no-untyped-def]
     """Yield (scale, completions per prompt), moving one loaded model along the drift."""
-    from driftmerge.extract import resolve_device
-    from driftmerge.generation import generate
-    from driftmerge.inplace import DriftedModel
-    from driftmerge.models import load_tokenizer
+    from driftmerge.core.devices import resolve_device
+    from driftmerge.evaluation.generation import generate
+    from driftmerge.evaluation.inplace import DriftedModel
+    from driftmerge.io.models import load_tokenizer
 
     drifted = DriftedModel(adapter, base, resolve_device(opts.device))
     tok = load_tokenizer(drifted.base.path)
@@ -160,10 +116,10 @@ def _weights_runner(adapter, base, records, opts):  # type: ignore[no-untyped-de
 
 def _logits_runner(adapter, base, records, opts):  # type: ignore[no-untyped-def]
     """Yield (alpha, completions per prompt): the base (alpha 0) and the model at scale 1 in lockstep."""
-    from driftmerge.extract import resolve_device
-    from driftmerge.generation import generate
-    from driftmerge.inplace import DriftedModel
-    from driftmerge.models import load_causal_lm, load_tokenizer
+    from driftmerge.core.devices import resolve_device
+    from driftmerge.evaluation.generation import generate
+    from driftmerge.evaluation.inplace import DriftedModel
+    from driftmerge.io.models import load_causal_lm, load_tokenizer
 
     device = resolve_device(opts.device)
     late = DriftedModel(adapter, base, device)
@@ -177,7 +133,7 @@ def _logits_runner(adapter, base, records, opts):  # type: ignore[no-untyped-def
 
 def _sweep_external(adapter, base, opts: SweepOptions, progress: Progress | None) -> list[ScaleResult]:  # type: ignore[no-untyped-def]
     """Write each scale's model with ``apply`` and let ``opts.eval_cmd`` score it."""
-    from driftmerge.apply import apply_drift
+    from driftmerge.commands.apply import apply_drift
 
     rows = []
     for i, scale in enumerate(opts.scales):
@@ -188,28 +144,3 @@ def _sweep_external(adapter, base, opts: SweepOptions, progress: Progress | None
         if progress:
             progress(i + 1, len(opts.scales), f"scale {scale:g}: reward {mean:.3f}")
     return rows
-
-
-def run_eval_cmd(template: str, model_dir: Path, scale: float) -> tuple[float, float | None]:
-    """Run ``template`` with ``{model_dir}`` / ``{scale}`` filled in; its last output line is the reward."""
-    cmd = template.replace("{model_dir}", shlex.quote(str(model_dir))).replace("{scale}", f"{scale:g}")
-    done = subprocess.run(cmd, shell=True, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no error output"])[-1]
-        raise InputError(f"--eval-cmd failed at scale {scale:g} (exit {done.returncode}): {tail}")
-    lines = done.stdout.strip().splitlines()
-    last = lines[-1].strip() if lines else ""
-    try:
-        value = json.loads(last)
-    except ValueError:
-        value = None
-    if isinstance(value, dict) and "reward" in value:
-        mean, se = value["reward"], value.get("se")
-    else:
-        mean, se = value, None
-    if isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean):
-        raise InputError(
-            f"--eval-cmd at scale {scale:g}: its last line of output must be the reward (a number, or JSON with"
-            f' "reward"), got {last[:80]!r}'
-        )
-    return float(mean), (float(se) if isinstance(se, (int, float)) else None)

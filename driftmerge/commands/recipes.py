@@ -31,13 +31,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from driftmerge.errors import InputError, OutputError
-from driftmerge.memory import parse_size
-from driftmerge.outputs import check_output_dir
-from driftmerge.rundirs import parse_range
+from driftmerge.io.memory import parse_size
+from driftmerge.io.outputs import check_output_dir
+from driftmerge.io.rundirs import parse_range
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
-MIN_MEMORY = 64 << 20  # the floor of driftmerge.extract.MIN_MEMORY (that module imports torch; a test keeps them equal)
-# the extract stage's keys that are fields of driftmerge.extract.ExtractOptions, in command-line order
+MIN_MEMORY = 64 << 20  # the floor of commands.extract.MIN_MEMORY (that module imports torch; a test keeps them equal)
+# the extract stage's keys that are fields of driftmerge.commands.extract.ExtractOptions, in command-line order
 OPTION_KEYS = ("steps", "base_step", "rank", "fit", "svd", "device", "factor_dtype", "max_memory", "include",
                "exclude", "seed")  # fmt: skip
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # NAMESPACE/NAME; publish.check_repo_id checks more
@@ -199,7 +199,7 @@ class ApplyStage(BaseModel):
 
 
 class PushStage(BaseModel):
-    """Upload a folder to the Hugging Face Hub (:func:`driftmerge.publish.push_folder`)."""
+    """Upload a folder to the Hugging Face Hub (:func:`driftmerge.hub.publish.push_folder`)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -462,7 +462,7 @@ def preflight(recipe: Recipe) -> None:
         _check_output("apply", str(a.output), a.overwrite, [Path(e.output)] if e is not None else [])
     pushes = [e.push_to_hub if e else None, a.push_to_hub if a else None, p.repo_id if p and not p.dry_run else None]
     for repo_id in filter(None, pushes):
-        from driftmerge.publish import require_token
+        from driftmerge.hub.publish import require_token
 
         require_token(repo_id)
 
@@ -481,7 +481,7 @@ def _recorded(command: str | None, line: str) -> str:
 
 
 def _run_extract(e: ExtractStage, progress: Progress | None, command: str | None) -> StageResult:
-    from driftmerge.extract import ExtractOptions, extract
+    from driftmerge.commands.extract import ExtractOptions, extract
 
     checkpoints = e.checkpoints if e.checkpoints is not None else _from_run_dir(e.run_dir)  # type: ignore[arg-type]
     options = ExtractOptions(**{key: getattr(e, key) for key in OPTION_KEYS})
@@ -492,13 +492,13 @@ def _run_extract(e: ExtractStage, progress: Progress | None, command: str | None
 
 
 def _from_run_dir(run_dir: RunDir) -> list[str]:
-    from driftmerge.rundirs import discover, select
+    from driftmerge.io.rundirs import discover, select
 
     return [str(f.path) for f in select(discover(run_dir.path), run_dir.every, run_dir.last, run_dir.steps_range)]
 
 
 def _run_apply(a: ApplyStage, progress: Progress | None, command: str | None) -> StageResult:
-    from driftmerge.apply import apply_drift
+    from driftmerge.commands.apply import apply_drift
 
     result = apply_drift(str(a.adapter), str(a.output), a.scale, a.step, a.base, a.format, a.dtype, a.max_shard_size,
                          a.overwrite, progress, _recorded(command, _apply_line(a)))  # fmt: skip
@@ -511,13 +511,13 @@ def _push_after(folder: Path, repo_id: str | None, private: bool) -> Any:
     """``push_to_hub``: push what the stage wrote, as ``--push-to-hub`` does (None without one)."""
     if repo_id is None:
         return None
-    from driftmerge.publish import push_folder  # the Hub client loads only when a recipe pushes
+    from driftmerge.hub.publish import push_folder  # the Hub client loads only when a recipe pushes
 
     return push_folder(folder, repo_id, private=private)
 
 
 def _run_push(p: PushStage, progress: Progress | None, command: str | None) -> StageResult:
-    from driftmerge.publish import push_folder
+    from driftmerge.hub.publish import push_folder
 
     folder = Path(str(p.folder))
     result = push_folder(folder, p.repo_id, private=p.private, revision=p.revision, create_pr=p.create_pr,

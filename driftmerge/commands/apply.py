@@ -20,14 +20,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from driftmerge.adapter import Adapter, peft_config, read_adapter, write_adapter
-from driftmerge.cards import adapter_card, model_card
-from driftmerge.checkpoints import Checkpoint, TensorInfo, open_ref
-from driftmerge.distributed import distributed
+from driftmerge.commands.distributed import distributed
+from driftmerge.core.drift import moved, scale_for_step, step_for_scale
 from driftmerge.errors import InputError
-from driftmerge.hub import base_license, resolve, resolve_recorded
-from driftmerge.memory import parse_size
-from driftmerge.outputs import atomic_output_dir, check_output_dir
+from driftmerge.hub.cards import adapter_card, model_card
+from driftmerge.hub.refs import base_license
+from driftmerge.io.adapter import Adapter, peft_config, write_adapter
+from driftmerge.io.checkpoints import Checkpoint, TensorInfo
+from driftmerge.io.memory import parse_size
+from driftmerge.io.outputs import atomic_output_dir, check_output_dir
+from driftmerge.io.sources import delta_sources, open_adapter, open_base
 
 logger = logging.getLogger("driftmerge")
 
@@ -57,15 +59,6 @@ class ApplyResult:
     tensors_total: int
     shards: int
     bytes_written: int
-
-
-def scale_for_step(step: float, meta: dict[str, Any]) -> float:
-    """``scale = (T - s_base) / (s_ref - s_base)`` from the steps recorded in ``driftmerge.json``."""
-    return (step - meta["base_step"]) / (meta["s_ref"] - meta["base_step"])
-
-
-def step_for_scale(scale: float, meta: dict[str, Any]) -> float:
-    return meta["base_step"] + scale * (meta["s_ref"] - meta["base_step"])
 
 
 def apply_drift(
@@ -193,65 +186,6 @@ def _finish_model(base_ck: Checkpoint, shards: list[list[str]], sizes: dict[str,
     _copy_side_files(base_ck.path, tmp, dtype if out_dtype is not None else None)
     base_info = {"ref": str(base_ck.path), "hub": base_ck.hub, "license": base_license(base_ck.path)}
     (tmp / "README.md").write_text(model_card(base_info, adapter_ref, meta, scale, step, command))
-
-
-def open_adapter(ref: str | Path) -> tuple[Path, Adapter]:
-    """An adapter folder, or a Hub adapter repo fetched into the cache: (its local folder, its contents)."""
-    folder = resolve(ref, "adapter").path
-    return folder, read_adapter(folder)
-
-
-def open_base(adapter: Adapter, base: str | Path | None = None) -> Checkpoint:
-    """``base`` (a folder or Hub ref), else the base the adapter records (refetched at its commit when gone),
-    checked against the adapter."""
-    base_ck = open_ref(base) if base is not None else open_ref("", resolve_recorded(adapter.meta["base"]))
-    check_matches_base(adapter, base_ck)
-    return base_ck
-
-
-def moved(w0: torch.Tensor, drift: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """``W = W0 + scale · drift`` in float32, stored as ``dtype``: the one formula every writer uses."""
-    return (w0.float() + scale * drift).to(dtype)
-
-
-def check_matches_base(adapter: Adapter, base: Checkpoint) -> None:
-    """The base must have the recorded architecture; other weights of that architecture only get a warning."""
-    recorded = adapter.meta.get("base", {})
-    if recorded.get("signature") and recorded["signature"] != base.signature():
-        raise InputError(
-            f"{base.path}: its tensors (names, shapes or dtypes) differ from those of the base this adapter was made"
-            f" from ({recorded.get('ref')}); this adapter was made from another base"
-        )
-    if recorded.get("probe") and recorded["probe"] != base.probe():
-        logger.warning(
-            "%s has the architecture of the adapter's base %s but other weights; applying the drift anyway",
-            base.path,
-            recorded.get("ref"),
-        )
-    for name, rec in adapter.meta.get("tensors", {}).items():
-        if rec.get("stored") not in ("lora", "extras"):
-            continue
-        info = base.infos.get(name)
-        if info is None:
-            raise InputError(f"{base.path}: has no tensor {name}; this adapter was made from another base")
-        if list(info.shape) != list(rec["shape"]):
-            raise InputError(
-                f"{base.path}: tensor {name} has shape {list(info.shape)}, the adapter expects {rec['shape']};"
-                " this adapter was made from another base"
-            )
-
-
-def delta_sources(adapter: Adapter) -> dict[str, Callable[[], torch.Tensor]]:
-    """Tensor name -> a callable giving its float32 drift (``B A`` for LoRA modules, the extras as stored)."""
-    out: dict[str, Callable[[], torch.Tensor]] = {}
-    for name, mod in adapter.by_tensor.items():
-        out[name] = mod.delta
-    for name, d in adapter.extras.items():
-        out[name] = lambda d=d: d
-    for tied, target in (adapter.meta.get("tied") or {}).items():
-        if target in out:
-            out[tied] = out[target]  # tied weights move together
-    return out
 
 
 def _copy_side_files(base: Path, out: Path, dtype: str | None) -> None:

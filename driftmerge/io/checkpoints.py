@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from driftmerge.errors import InputError
-from driftmerge.hub import Resolved, resolve
+from driftmerge.hub.refs import Resolved, resolve
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -255,7 +255,7 @@ def open_run(
 ) -> tuple[Checkpoint, list[Checkpoint], list[int], str]:
     """Open a base and its checkpoints, order the checkpoints by step and check they match the base.
 
-    Any of them may be a Hub reference (``org/name[@rev]``, see :mod:`driftmerge.hub`). Returns (base, checkpoints
+    Any of them may be a Hub reference (``org/name[@rev]``, see :mod:`driftmerge.hub.refs`). Returns (base, checkpoints
     in step order, their steps, where the steps came from).
     """
     base_ck = open_ref(base)

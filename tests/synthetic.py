@@ -101,24 +101,3 @@ def _direction(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     else:
         d = torch.randn(w.shape, generator=gen)
     return d / torch.linalg.vector_norm(d)
-
-
-CHARS = "0123456789+-*/=.,:?!()[]{}\\ abcdefghijklmnopqrstuvwxyz\n"
-SPECIALS = ("<pad>", "<eos>", "<unk>")
-
-
-def char_tokenizer(folder: str | Path | None = None):  # -> PreTrainedTokenizerFast
-    """A character-level tokenizer built in-process (no downloads): ids 0-2 are ``<pad>``, ``<eos>``, ``<unk>``, then
-    digits, arithmetic signs, brackets, space, lower-case letters and newline (62 in all: fits a vocabulary of 64).
-    Saved to ``folder`` when given."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {t: i for i, t in enumerate([*SPECIALS, *CHARS])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one token per character
-    tk.decoder = decoders.Fuse()  # join characters without spaces
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    if folder is not None:
-        tok.save_pretrained(folder)
-    return tok

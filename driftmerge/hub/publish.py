@@ -206,7 +206,7 @@ def _card_text(folder: Path, kind: str) -> str:
         return card.read_text()
     meta_path = folder / "driftmerge.json"
     if kind == "adapter" and meta_path.is_file():
-        from driftmerge.cards import adapter_card
+        from driftmerge.hub.cards import adapter_card
 
         meta = json.loads(meta_path.read_text())
         return adapter_card(meta, meta["summary"])
@@ -218,7 +218,7 @@ def _analysis_files(folder: Path) -> list[Path]:
 
 
 def _analysis_section(folder: Path, figures: list[str]) -> str:
-    from driftmerge.cards import analysis_section
+    from driftmerge.hub.cards import analysis_section
 
     try:
         report = json.loads((folder / "report.json").read_text())

@@ -8,8 +8,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from driftmerge.report import md_table, pyplot
-from driftmerge.sweep import SweepResult
+from driftmerge.evaluation.scoring import SweepResult
+from driftmerge.reports.linearity import md_table, pyplot
 
 SWEEP_FORMAT = "driftmerge-sweep"
 

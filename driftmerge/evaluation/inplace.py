@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from driftmerge.apply import delta_sources, moved, open_adapter, open_base
+from driftmerge.core.drift import moved
 from driftmerge.errors import InputError
-from driftmerge.models import load_causal_lm
+from driftmerge.io.models import load_causal_lm
+from driftmerge.io.sources import delta_sources, open_adapter, open_base
 
 
 class DriftedModel:

@@ -1,4 +1,4 @@
-"""``generate``: completions by logit extrapolation between two models (see :mod:`driftmerge.generation`)."""
+"""``generate``: completions by logit extrapolation between two models (see :mod:`driftmerge.evaluation.generation`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from driftmerge.errors import InputError
-from driftmerge.outputs import check_output_file, write_text_atomic
+from driftmerge.io.outputs import check_output_file, write_text_atomic
 
 
 def extrapolated_completions(
@@ -25,11 +25,11 @@ def extrapolated_completions(
 ) -> tuple[list[dict[str, Any]], str]:
     """Sample from ``z = z_early + alpha (z_late - z_early)``; rows of (prompt, sample, completion[, reward]) and a
     one-line summary. Written to ``out`` as JSON lines when given."""
-    from driftmerge.extract import resolve_device
-    from driftmerge.generation import SamplingOptions, generate, read_prompts
-    from driftmerge.hub import resolve
-    from driftmerge.models import load_causal_lm, load_tokenizer, same_vocabulary
-    from driftmerge.rewards import BUILT_IN, load_reward
+    from driftmerge.core.devices import resolve_device
+    from driftmerge.evaluation.generation import SamplingOptions, generate, read_prompts
+    from driftmerge.evaluation.rewards import BUILT_IN, load_reward
+    from driftmerge.hub.refs import resolve
+    from driftmerge.io.models import load_causal_lm, load_tokenizer, same_vocabulary
 
     if not math.isfinite(alpha):
         raise InputError(f"--alpha must be a finite number, got {alpha}")

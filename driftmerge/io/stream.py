@@ -1,6 +1,6 @@
 """Stream the deltas of many checkpoints against a base, tensor by tensor, within a memory budget.
 
-A reader thread (:class:`~driftmerge.prefetch.Prefetcher`) loads single tensors — name by name, the base's copy
+A reader thread (:class:`~driftmerge.io.prefetch.Prefetcher`) loads single tensors — name by name, the base's copy
 then each checkpoint's — up to ``read_ahead`` bytes ahead. safetensors hands out views of a file map that is read
 from disk on first touch, so the reader copies the bytes out (into float32 on the CPU, pinned as stored for CUDA):
 disk reads and conversion overlap the consumer's compute. Each copy is the consumer's, so a delta is formed in
@@ -13,8 +13,9 @@ from collections.abc import Iterator
 
 import torch
 
-from driftmerge.checkpoints import Checkpoint
-from driftmerge.prefetch import Prefetcher
+from driftmerge.errors import InputError
+from driftmerge.io.checkpoints import Checkpoint
+from driftmerge.io.prefetch import Prefetcher
 
 MAPPED_BYTES = 128 << 20  # file-map pages the sources may keep resident between releases, all together
 
@@ -55,3 +56,10 @@ def stream_deltas(
             yield name, deltas(w0)
         if stats is not None:
             stats["waited"] = reader.waited
+
+
+def raise_not_finite(name: str, base: Checkpoint, ckpt: Checkpoint) -> None:
+    for src in (base, ckpt):
+        if not torch.isfinite(src.get(name)).all():
+            raise InputError(f"{src.path}: tensor {name} holds NaN or Inf values; leave this checkpoint out")
+    raise InputError(f"tensor {name}: the difference between {base.path} and {ckpt.path} overflows float32")

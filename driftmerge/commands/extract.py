@@ -23,24 +23,23 @@ from typing import Any
 import torch
 
 from driftmerge import __version__
-from driftmerge.adapter import FORMAT_VERSION, LoraModule, peft_config, write_adapter
-from driftmerge.architecture import Architecture, describe
-from driftmerge.cards import adapter_card
-from driftmerge.checkpoints import Checkpoint, open_run
-from driftmerge.distributed import distributed
+from driftmerge.commands.distributed import distributed
+from driftmerge.core.devices import DTYPES, FACTOR_DTYPES, resolve_device, resolve_factor_dtype
+from driftmerge.core.lowrank import SVD_METHODS, Factor, factorize, matrix_seed
+from driftmerge.core.trajectory import FITS, LineAccumulator, TensorFit
 from driftmerge.errors import InputError
-from driftmerge.hub import base_license
-from driftmerge.lowrank import SVD_METHODS, Factor, factorize, matrix_seed
-from driftmerge.outputs import atomic_output_dir, check_output_dir
-from driftmerge.stream import stream_deltas
-from driftmerge.trajectory import FITS, LineAccumulator, TensorFit
+from driftmerge.hub.cards import adapter_card
+from driftmerge.hub.refs import base_license
+from driftmerge.io.adapter import FORMAT_VERSION, LoraModule, peft_config, write_adapter
+from driftmerge.io.architecture import Architecture, describe
+from driftmerge.io.checkpoints import Checkpoint, open_run
+from driftmerge.io.outputs import atomic_output_dir, check_output_dir
+from driftmerge.io.stream import raise_not_finite, stream_deltas
 
 logger = logging.getLogger("driftmerge")
 
 Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 MIN_MEMORY = 64 << 20
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FACTOR_DTYPES = ("auto", *DTYPES)
 
 
 @dataclass
@@ -90,38 +89,6 @@ class ExtractResult:
     ranks: list[tuple[int, int, float]] = field(default_factory=list)  # under torchrun: tensors, bytes, seconds
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"--device: unknown device {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here (use --device cpu)")
-    return dev
-
-
-def resolve_factor_dtype(name: str, device: torch.device) -> str:
-    """``auto`` → ``bfloat16`` where the device multiplies bfloat16 natively (CUDA compute capability 8+, or a CPU
-    with AVX512-BF16 / AMX), else ``float32``. The sketches accumulate in float32 either way, and the singular
-    values and the kept energy always come from a float32 product (``lowrank.randomized_svd``)."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.get_device_capability(device)[0] >= 8 else "float32"
-    return "bfloat16" if device.type == "cpu" and _cpu_has_bf16() else "float32"
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:  # not Linux: stay with float32
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def extract(
     base: str | Path,
     checkpoints: Sequence[str | Path],
@@ -133,7 +100,7 @@ def extract(
 ) -> ExtractResult:
     """Fit the drift of ``checkpoints`` relative to ``base`` and write a PEFT adapter folder to ``out_dir``.
 
-    Under ``torchrun`` the tensors are shared among the ranks by bytes (:mod:`driftmerge.distributed`); rank 0
+    Under ``torchrun`` the tensors are shared among the ranks by bytes (:mod:`driftmerge.commands.distributed`); rank 0
     gathers the factors and writes the adapter, byte-identical to a single-process run.
     """
     opts = options or ExtractOptions()
@@ -316,13 +283,6 @@ def _stream_fits(
             if not math.isfinite(acc.add(delta)):  # NaN/Inf in the base or this checkpoint propagate into ‖D‖²
                 raise_not_finite(name, sources[0], sources[j])
         yield name, acc.finish()
-
-
-def raise_not_finite(name: str, base: Checkpoint, ckpt: Checkpoint) -> None:
-    for src in (base, ckpt):
-        if not torch.isfinite(src.get(name)).all():
-            raise InputError(f"{src.path}: tensor {name} holds NaN or Inf values; leave this checkpoint out")
-    raise InputError(f"tensor {name}: the difference between {base.path} and {ckpt.path} overflows float32")
 
 
 def _select(base: Checkpoint, opts: ExtractOptions, arch: Architecture) -> list[str]:

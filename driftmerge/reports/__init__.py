@@ -1,0 +1,1 @@
+"""What ``analyze`` and ``sweep`` write for people: JSON, Markdown tables and figures."""
