@@ -19,3 +19,9 @@ class OutputError(DriftmergeError):
     """The output folder exists, lies inside an input, or cannot be written."""
 
     exit_code = 4
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

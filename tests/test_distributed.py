@@ -14,8 +14,8 @@ from helpers import leftovers
 from safetensors.torch import load_file, save_file
 from synthetic import make_run
 
-from driftmerge.commands.apply import plan_shards
 from driftmerge.commands.distributed import Dist
+from driftmerge.io.model_writer import plan_shards
 
 
 def _env() -> dict[str, str]:

@@ -7,7 +7,7 @@ once (the Gram matrix needs every pair), as ``--fit pca`` does.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,8 @@ from driftmerge.io.architecture import describe
 from driftmerge.io.checkpoints import open_run
 from driftmerge.io.outputs import atomic_output_dir, check_output_dir
 from driftmerge.io.stream import raise_not_finite, stream_deltas
+from driftmerge.progress import Progress
 from driftmerge.reports.linearity import build_report, check_plotting, draw_figures, markdown, summary_rows, write_json
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass

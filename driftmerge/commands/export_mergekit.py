@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from driftmerge import __version__
+from driftmerge.core.devices import DTYPES
 from driftmerge.core.drift import scale_for_step, step_for_scale
 from driftmerge.errors import InputError, OutputError
 from driftmerge.io.adapter import Adapter, read_adapter
@@ -38,7 +39,6 @@ from driftmerge.io.outputs import check_output_file, write_text_atomic
 from driftmerge.io.sources import check_matches_base
 
 VIAS = ("checkpoints", "lora")
-DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_OUTPUT = "driftmerge-mergekit.yaml"
 LORA_CACHE = "mergekit-lora-cache"  # mergekit needs a folder to keep the base+adapter merge in
 

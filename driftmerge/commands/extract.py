@@ -13,32 +13,31 @@ from __future__ import annotations
 import logging
 import math
 import re
-import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from driftmerge import __version__
 from driftmerge.commands.distributed import distributed
 from driftmerge.core.devices import DTYPES, FACTOR_DTYPES, resolve_device, resolve_factor_dtype
-from driftmerge.core.lowrank import SVD_METHODS, Factor, factorize, matrix_seed
+from driftmerge.core.factorizer import GroupFactorizer
+from driftmerge.core.lowrank import SVD_METHODS, Factor
 from driftmerge.core.trajectory import FITS, LineAccumulator, TensorFit
 from driftmerge.errors import InputError
 from driftmerge.hub.cards import adapter_card
-from driftmerge.hub.refs import base_license
-from driftmerge.io.adapter import FORMAT_VERSION, LoraModule, peft_config, write_adapter
+from driftmerge.io.adapter import LoraModule, peft_config, write_adapter
 from driftmerge.io.architecture import Architecture, describe
 from driftmerge.io.checkpoints import Checkpoint, open_run
+from driftmerge.io.metadata import build_meta, summarize_records
 from driftmerge.io.outputs import atomic_output_dir, check_output_dir
 from driftmerge.io.stream import raise_not_finite, stream_deltas
+from driftmerge.progress import Progress
 
 logger = logging.getLogger("driftmerge")
 
-Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 MIN_MEMORY = 64 << 20
 
 
@@ -171,7 +170,7 @@ def _fit_share(job: _Job, names: list[str], opts: ExtractOptions, device: torch.
     records: dict[str, dict[str, Any]] = {}
     extras: dict[str, torch.Tensor] = {}
     read_ahead = min(opts.max_memory // 4, 1 << 30)
-    factorizer = _GroupFactorizer(opts, DTYPES[job.factor_dtype], opts.max_memory - read_ahead)
+    factorizer = GroupFactorizer(opts, DTYPES[job.factor_dtype], opts.max_memory - read_ahead)
     moved = [False] * len(job.cks)
     t_start, stats = time.perf_counter(), {"waited": 0.0}
     sources = [base_ck, *job.cks]
@@ -232,8 +231,8 @@ def _write(job: _Job, part: _Part, opts: ExtractOptions, device: torch.device, o
     if not modules and not extras:
         raise InputError("the checkpoints do not move any fitted tensor away from the base; check --include/--exclude")
 
-    meta = _meta(base_ck, cks, job.steps, job.source, opts, device, job.factor_dtype, job.arch, records, command)
-    summary = _summary(records, base_ck, cks)
+    meta = build_meta(base_ck, cks, job.steps, job.source, opts, device, job.factor_dtype, job.arch, records, command)
+    summary = summarize_records(records, base_ck, cks)
     meta["summary"] = summary
     base_name = base_ck.hub["repo_id"] if base_ck.hub else str(base_ck.path.absolute())  # where PEFT finds the base
     config = peft_config(modules, base_name, job.arch.fan_in_fan_out)
@@ -297,141 +296,3 @@ def _select(base: Checkpoint, opts: ExtractOptions, arch: Architecture) -> list[
             continue
         out.append(name)
     return out
-
-
-class _GroupFactorizer:
-    """Collect drift matrices by shape and factorize each shape's group as one batch.
-
-    A group goes as soon as it holds ``BATCH_BYTES`` (so factorization overlaps the reads still running on the
-    reader thread), and every group goes when all pending matrices reach ``max_bytes`` (the memory budget).
-    Every matrix draws its own seed from its name and the factorization of one matrix never depends on which
-    others share its batch, so the budget changes only speed and memory, never the result.
-    """
-
-    BATCH_BYTES = 64 << 20
-
-    def __init__(self, opts: ExtractOptions, compute_dtype: torch.dtype, max_bytes: int):
-        self.opts, self.compute_dtype, self.max_bytes = opts, compute_dtype, max_bytes
-        self.pending: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
-        self.group_bytes: dict[tuple[int, int], int] = {}
-        self.done: dict[str, Factor] = {}
-        self.transposed: set[str] = set()
-        self.batches = 0
-        self.seconds = 0.0
-
-    def add(self, name: str, matrix: torch.Tensor, transposed: bool = False) -> None:
-        """Queue ``matrix`` (contiguous); ``transposed``: the factors wanted are those of ``matrixᵀ``."""
-        if transposed:
-            self.transposed.add(name)
-        shape = (matrix.shape[0], matrix.shape[1])
-        self.pending.setdefault(shape, []).append((name, matrix))
-        self.group_bytes[shape] = self.group_bytes.get(shape, 0) + matrix.numel() * matrix.element_size()
-        if sum(self.group_bytes.values()) >= self.max_bytes:
-            for key in list(self.pending):
-                self._run(key)
-        elif self.group_bytes[shape] >= min(self.BATCH_BYTES, self.max_bytes):
-            self._run(shape)
-
-    def finish(self) -> dict[str, Factor]:
-        for key in list(self.pending):
-            self._run(key)
-        its = [f.iterations for f in self.done.values()]
-        logger.info(
-            "factorized %d matrices in %d batches; power iterations %d to %d",
-            len(self.done), self.batches, min(its, default=0), max(its, default=0),
-        )  # fmt: skip
-        return self.done
-
-    def _run(self, shape: tuple[int, int]) -> None:
-        o, t0 = self.opts, time.perf_counter()
-        group = self.pending.pop(shape)
-        del self.group_bytes[shape]
-        names, mats = [n for n, _ in group], [m for _, m in group]
-        del group
-        seeds = [matrix_seed(o.seed, n) for n in names]
-        factors = factorize(mats, o.rank, seeds, o.svd, o.niter, o.oversample, self.compute_dtype)
-        for name, f in zip(names, factors, strict=True):
-            if name in self.transposed:  # M = B A, so Mᵀ = Aᵀ Bᵀ: factorized in the stored (fast) layout
-                f = Factor(B=f.A.T.contiguous(), A=f.B.T.contiguous(), energy=f.energy, iterations=f.iterations)
-            self.done[name] = f
-        self.batches += 1
-        self.seconds += time.perf_counter() - t0
-
-
-def _meta(
-    base: Checkpoint,
-    cks: list[Checkpoint],
-    steps: list[int],
-    source: str,
-    opts: ExtractOptions,
-    device: torch.device,
-    factor_dtype: str,
-    arch: Architecture,
-    records: dict[str, dict[str, Any]],
-    command: str | None,
-) -> dict[str, Any]:
-    dtypes = [str(i.dtype).removeprefix("torch.") for i in base.infos.values() if i.dtype.is_floating_point]
-    return {
-        "format_version": FORMAT_VERSION,
-        "driftmerge_version": __version__,
-        "base": {
-            "ref": str(base.path.absolute()),
-            "step": opts.base_step,
-            "signature": base.signature(),
-            "probe": base.probe(),
-            "license": base_license(base.path),
-            **_hub_entry(base),
-        },
-        "checkpoints": [
-            {"ref": str(c.path.absolute()), "step": s, **_hub_entry(c)} for c, s in zip(cks, steps, strict=True)
-        ],
-        "steps_source": source,
-        "base_step": opts.base_step,
-        "s_ref": steps[-1],
-        "fit": opts.fit,
-        "rank_rule": opts.rank,
-        "svd": opts.svd,
-        "seed": opts.seed,
-        "niter": opts.niter,
-        "oversample": opts.oversample,
-        "max_memory": opts.max_memory,
-        "device": device.type,
-        "factor_dtype": factor_dtype if opts.svd == "randomized" else None,
-        "storage_dtype": max(set(dtypes), key=dtypes.count) if dtypes else None,
-        "adapter_dtype": "float32",
-        "include": opts.include,
-        "exclude": opts.exclude,
-        "architecture_source": arch.source,
-        "fan_in_fan_out": arch.fan_in_fan_out,
-        "tied": arch.tied,
-        "command": command,
-        "tensors": records,
-    }
-
-
-def _hub_entry(ck: Checkpoint) -> dict[str, Any]:
-    """``{"hub": {repo_id, revision, commit}}`` for an input fetched from the Hub, else nothing."""
-    return {"hub": ck.hub} if ck.hub else {}
-
-
-def _summary(records: dict[str, dict[str, Any]], base: Checkpoint, cks: list[Checkpoint]) -> dict[str, Any]:
-    lora = [r for r in records.values() if r["stored"] == "lora"]
-    extras = [r for r in records.values() if r["stored"] == "extras"]
-    lora_sq = sum(r["drift_norm"] ** 2 for r in lora)
-    extras_sq = sum(r["drift_norm"] ** 2 for r in extras)
-    kept_sq = sum(r["energy"] * r["drift_norm"] ** 2 for r in lora)
-    r2s = [r["r2"] for r in records.values() if r["r2"] is not None]
-    ranks = [r["rank"] for r in lora]
-    return {
-        "tensors": len(records),
-        "lora_tensors": len(lora),
-        "extras_tensors": len(extras),
-        "zero_tensors": [n for n, r in records.items() if r["stored"] == "zero"],
-        "rank_min": min(ranks, default=0),
-        "rank_max": max(ranks, default=0),
-        "energy_kept": kept_sq / lora_sq if lora_sq > 0 else 1.0,
-        "extras_share": extras_sq / (lora_sq + extras_sq) if lora_sq + extras_sq > 0 else 0.0,
-        "median_r2": statistics.median(r2s) if r2s else None,
-        "checkpoint_bytes": cks[-1].weight_bytes,
-        "base_bytes": base.weight_bytes,
-    }

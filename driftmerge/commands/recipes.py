@@ -34,8 +34,8 @@ from driftmerge.errors import InputError, OutputError
 from driftmerge.io.memory import parse_size
 from driftmerge.io.outputs import check_output_dir
 from driftmerge.io.rundirs import parse_range
+from driftmerge.progress import Progress
 
-Progress = Callable[[int, int, str], None]  # (done, total, tensor name)
 MIN_MEMORY = 64 << 20  # the floor of commands.extract.MIN_MEMORY (that module imports torch; a test keeps them equal)
 # the extract stage's keys that are fields of driftmerge.commands.extract.ExtractOptions, in command-line order
 OPTION_KEYS = ("steps", "base_step", "rank", "fit", "svd", "device", "factor_dtype", "max_memory", "include",

@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from driftmerge.errors import InputError
 from driftmerge.evaluation.generation import SamplingOptions, read_prompts
 from driftmerge.evaluation.scoring import ScaleResult, SweepResult, run_eval_cmd, score, summarize
+from driftmerge.progress import Progress
 
 MODES = ("weights", "logits")
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass

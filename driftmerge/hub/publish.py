@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driftmerge.errors import InputError, OutputError
+from driftmerge.errors import InputError, OutputError, first_line
 
 logger = logging.getLogger("driftmerge")
 
@@ -134,7 +134,7 @@ def _push(plan: PushPlan, private: bool, revision: str | None, create_pr: bool) 
     except HfHubHTTPError as exc:
         raise OutputError(_http_message(repo_id, exc)) from exc
     except OSError as exc:  # connection refused, DNS
-        raise OutputError(f"{repo_id}: could not reach the Hub ({_first_line(exc)}); nothing was pushed") from exc
+        raise OutputError(f"{repo_id}: could not reach the Hub ({first_line(exc)}); nothing was pushed") from exc
     result.url = str(info.pr_url or url)
     result.commit = info.oid
     result.pr_url = info.pr_url
@@ -162,9 +162,9 @@ def _validate_card(card: Any, result: PushResult) -> None:
     try:
         card.validate()
     except ValueError as exc:
-        raise OutputError(f"the model card's metadata was refused by the Hub: {_first_line(exc)}") from exc
+        raise OutputError(f"the model card's metadata was refused by the Hub: {first_line(exc)}") from exc
     except (HfHubHTTPError, OSError) as exc:
-        result.notes.append(f"the card's metadata could not be checked ({_first_line(exc)})")
+        result.notes.append(f"the card's metadata could not be checked ({first_line(exc)})")
 
 
 def _http_message(repo_id: str, exc: Any) -> str:
@@ -175,17 +175,12 @@ def _http_message(repo_id: str, exc: Any) -> str:
         return f"{repo_id}: no write access (403): the token is read-only or not a member of that namespace; {LOGIN}"
     if status == 409:
         return f"{repo_id}: the name is taken (409); choose another name"
-    return f"{repo_id}: the Hub answered {_first_line(exc)}; nothing was pushed"
+    return f"{repo_id}: the Hub answered {first_line(exc)}; nothing was pushed"
 
 
 def _status(exc: Any) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -194,7 +189,7 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except ValueError as exc:
-        raise InputError(f"{repo_id!r}: not a Hub repo id ({_first_line(exc)})") from exc
+        raise InputError(f"{repo_id!r}: not a Hub repo id ({first_line(exc)})") from exc
     if repo_id.count("/") != 1:
         raise InputError(f"{repo_id!r}: give the repo id as NAMESPACE/NAME (your user name or an organization)")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from driftmerge.errors import InputError
+from driftmerge.errors import InputError, first_line
 
 # org/name with an optional @revision (a branch, a tag, a commit, refs/pr/N)
 _HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w./-]+))?$")
@@ -139,16 +139,11 @@ def _download(ref: HubRef, patterns: list[str]) -> Path:
             "network); fetch it once online, or give a local folder"
         ) from exc
     except HfHubHTTPError as exc:
-        raise InputError(f"{ref}: the Hub answered {_first_line(exc)}") from exc
+        raise InputError(f"{ref}: the Hub answered {first_line(exc)}") from exc
     except ValueError as exc:  # HFValidationError: not a valid repo id after all
-        raise InputError(f"{ref}: no such file or folder (nor a valid Hub repo id: {_first_line(exc)})") from exc
+        raise InputError(f"{ref}: no such file or folder (nor a valid Hub repo id: {first_line(exc)})") from exc
     except OSError as exc:  # connection refused, DNS, disk
-        raise InputError(f"{ref}: could not fetch it from the Hub ({_first_line(exc)})") from exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+        raise InputError(f"{ref}: could not fetch it from the Hub ({first_line(exc)})") from exc
 
 
 def card_metadata(folder: Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from driftmerge.errors import InputError
+from driftmerge.errors import InputError, first_line
 
 
 def load_causal_lm(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
@@ -19,7 +19,7 @@ def load_causal_lm(folder: str | Path, device: str | torch.device = "cpu", dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
     except Exception as exc:
-        raise InputError(f"{folder}: transformers cannot load it as a causal LM ({_first_line(exc)})") from exc
+        raise InputError(f"{folder}: transformers cannot load it as a causal LM ({first_line(exc)})") from exc
     return model.to(device).eval()
 
 
@@ -30,9 +30,7 @@ def load_tokenizer(folder: str | Path) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as exc:
-        raise InputError(
-            f"{folder}: no usable tokenizer ({_first_line(exc)}); copy the base's tokenizer files"
-        ) from exc
+        raise InputError(f"{folder}: no usable tokenizer ({first_line(exc)}); copy the base's tokenizer files") from exc
     if tok.pad_token_id is None:
         if tok.eos_token_id is None:
             raise InputError(f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token")
@@ -44,8 +42,3 @@ def load_tokenizer(folder: str | Path) -> Any:
 def same_vocabulary(a: Any, b: Any) -> bool:
     """Whether two tokenizers map the same strings to the same ids."""
     return a.get_vocab() == b.get_vocab()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
