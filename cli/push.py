@@ -51,7 +51,8 @@ def check_push_target(repo_id: str | None) -> None:
     """Fail on a malformed repo id or a missing token before the long work, not after it."""
     if repo_id is None:
         return
-    from driftmerge.hub.publish import check_repo_id, require_token
+    from driftmerge.hub.publish import require_token
+    from driftmerge.hub.refs import check_repo_id
 
     check_repo_id(repo_id)
     require_token(repo_id)

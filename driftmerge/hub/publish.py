@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from driftmerge.errors import InputError, OutputError, first_line
+from driftmerge.hub.refs import check_repo_id
 
 logger = logging.getLogger("driftmerge")
 
@@ -181,17 +182,6 @@ def _http_message(repo_id: str, exc: Any) -> str:
 def _status(exc: Any) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
-
-
-def check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except ValueError as exc:
-        raise InputError(f"{repo_id!r}: not a Hub repo id ({first_line(exc)})") from exc
-    if repo_id.count("/") != 1:
-        raise InputError(f"{repo_id!r}: give the repo id as NAMESPACE/NAME (your user name or an organization)")
 
 
 def _card_text(folder: Path, kind: str) -> str:

@@ -163,3 +163,15 @@ def base_license(folder: Path) -> str | None:
     """The ``license`` its model card declares, to carry over to what is derived from it."""
     lic = card_metadata(folder).get("license")
     return lic if isinstance(lic, str) else None
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A repo id to push to: ``NAMESPACE/NAME`` as huggingface_hub validates it, else one :class:`InputError` line."""
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as exc:
+        raise InputError(f"{repo_id!r}: not a Hub repo id ({first_line(exc)})") from exc
+    if repo_id.count("/") != 1:
+        raise InputError(f"{repo_id!r}: give the repo id as NAMESPACE/NAME (your user name or an organization)")
