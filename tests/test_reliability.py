@@ -352,7 +352,7 @@ def _kill_mid_write(module: str, args: list, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "command, module",
-    [("extract", "driftmerge.io.adapter"), ("apply", "driftmerge.commands.apply")],
+    [("extract", "driftmerge.io.adapter"), ("apply", "driftmerge.io.model_writer")],
 )
 def test_sigkill_mid_write_leaves_no_output_or_the_previous_one(command, module, runs, tmp_path, cli):
     run = runs["llama"]
@@ -383,7 +383,7 @@ def test_sigkill_mid_write_leaves_no_output_or_the_previous_one(command, module,
 
 # ---- a full disk: a clear error, no partial output ---------------------------------------------------------------
 @pytest.mark.parametrize(
-    "command, module", [("extract", "driftmerge.io.adapter"), ("apply", "driftmerge.commands.apply")]
+    "command, module", [("extract", "driftmerge.io.adapter"), ("apply", "driftmerge.io.model_writer")]
 )
 def test_full_disk_gives_a_clear_error_and_no_output(command, module, runs, tmp_path, cli, monkeypatch):
     run = runs["llama"]

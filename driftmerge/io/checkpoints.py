@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,11 @@ class Checkpoint:
     reopened on the next read) once ``release_after`` bytes have been read through it. Reading a model tensor by
     tensor therefore never holds the whole file; a caller streaming many checkpoints at once lowers
     ``release_after`` so that all their maps together stay small.
+
+    Thread safety: ``get``, ``probe``, ``close`` and ``release_after`` may be used from several threads at once (a
+    read-ahead thread and the main thread): one lock guards the open handles, the bytes read through each and
+    ``release_after``, and is held while a handle reads, so no handle is used by two threads at once. ``infos``,
+    ``format`` and ``config`` are not changed after construction; ``hub`` and ``label`` are set once, before reading.
     """
 
     RELEASE_AFTER = 256 << 20  # default of ``release_after``
@@ -75,14 +81,16 @@ class Checkpoint:
             raise InputError(f"{self.path}: not a folder (give the model folder, not a weight file)")
         self.format, files = _weight_files(self.path)
         self.config: dict[str, Any] | None = _read_json(self.path / "config.json")
+        self._lock = threading.RLock()  # guards _handles, _read_through, _release_after and the use of a handle
         self._handles: dict[str, Any] = {}
         self._read_through: dict[str, int] = {}  # bytes read through each open handle
-        self.release_after = self.RELEASE_AFTER
+        self._release_after = self.RELEASE_AFTER
         self.hub: dict[str, Any] | None = None  # {"repo_id", "revision", "commit"} when it came from the Hub
         self.label = str(self.path)  # what its step is read from
         self.infos: dict[str, TensorInfo] = {}
-        for fname, names in files.items():
-            self._index_file(fname, names)
+        with self._lock:  # no other thread sees this object yet; held so that _open always runs under it
+            for fname, names in files.items():
+                self._index_file(fname, names)
         if not self.infos:
             raise InputError(f"{self.path}: the weight files hold no tensors; re-save the model (save_pretrained)")
 
@@ -111,10 +119,23 @@ class Checkpoint:
             if missing:
                 raise InputError(f"{fpath}: the index says it holds {missing[0]}, but it does not; re-save the model")
 
+    @property
+    def release_after(self) -> int:
+        """Bytes read through a safetensors handle after which it is closed (its file map released)."""
+        with self._lock:
+            return self._release_after
+
+    @release_after.setter
+    def release_after(self, value: int) -> None:
+        with self._lock:
+            self._release_after = int(value)
+
     def _open(self, fname: str) -> Any:
+        """The open handle of ``fname`` (opened now if need be). Call with ``self._lock`` held."""
         if fname in self._handles:
             return self._handles[fname]
         fpath = self.path / fname
+        handle: Any
         try:
             if self.format == "safetensors":
                 handle = safe_open(str(fpath), framework="pt", device="cpu")
@@ -130,23 +151,24 @@ class Checkpoint:
 
     # ---- reading ---------------------------------------------------------------------------------------------
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor as stored (dtype and shape of the file)."""
+        """Read one tensor as stored (dtype and shape of the file). Safe to call from several threads at once."""
         info = self.infos.get(name)
         if info is None:
             raise InputError(f"{self.path}: no tensor named {name}")
-        handle = self._open(info.file)
-        try:
-            tensor = handle.get_tensor(name) if self.format == "safetensors" else handle[name]
-        except Exception as exc:  # a truncated or corrupt file surfaces only when the bytes are read
-            raise InputError(
-                f"{self.path / info.file}: cannot read tensor {name} ({exc}); the file is damaged or incomplete, copy"
-                " or save it again"
-            ) from exc
-        if self.format == "safetensors":  # the tensor holds its own reference to the map: the handle may close
-            read = self._read_through.get(info.file, 0) + info.numel * info.dtype.itemsize
-            self._read_through[info.file] = read
-            if read >= self.release_after:
-                del self._handles[info.file], self._read_through[info.file]
+        with self._lock:
+            handle = self._open(info.file)
+            try:
+                tensor = handle.get_tensor(name) if self.format == "safetensors" else handle[name]
+            except Exception as exc:  # a truncated or corrupt file surfaces only when the bytes are read
+                raise InputError(
+                    f"{self.path / info.file}: cannot read tensor {name} ({exc}); the file is damaged or incomplete,"
+                    " copy or save it again"
+                ) from exc
+            if self.format == "safetensors":  # the tensor holds its own reference to the map: the handle may close
+                read = self._read_through.get(info.file, 0) + info.numel * info.dtype.itemsize
+                self._read_through[info.file] = read
+                if read >= self._release_after:
+                    del self._handles[info.file], self._read_through[info.file]
         return tensor
 
     @property
@@ -172,8 +194,10 @@ class Checkpoint:
         return h.hexdigest()
 
     def close(self) -> None:
-        self._handles.clear()
-        self._read_through.clear()
+        """Close every open handle (a later ``get`` opens its shard again)."""
+        with self._lock:
+            self._handles.clear()
+            self._read_through.clear()
 
     def __enter__(self) -> Checkpoint:
         return self

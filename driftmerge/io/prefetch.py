@@ -2,8 +2,12 @@
 
 The thread runs ``load(item)`` for the items in order and hands results over through a queue bounded by bytes
 (each item's size is known before it is read, from the file headers), so read-ahead never holds more than
-``max_bytes`` — or one item, when a single item is larger. Errors raised by ``load`` reach the consumer at the
-item that failed. Closing (or leaving the ``with`` block) stops the thread after its current item.
+``max_bytes`` — or one item, when a single item is larger. Any exception the thread meets (in ``size_of`` or
+``load``, ``BaseException`` included) is raised in the consumer's thread at the item that failed, after the earlier
+items. A thread that ends without handing over every item is detected (a flag set in its ``finally``, and a
+liveness check every :attr:`Prefetcher.POLL_S` seconds of waiting) and raises ``RuntimeError`` in the consumer
+instead of leaving it waiting. Closing (or leaving the ``with`` block) stops the thread after its current item and
+joins it. All state the two threads share is guarded by one condition's lock.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ Result = TypeVar("Result")
 class Prefetcher(Generic[Item, Result]):
     """Iterate ``(item, load(item))`` in order while a thread reads ahead within ``max_bytes``."""
 
+    POLL_S = 1.0  # while waiting, how often the consumer checks that the thread is still alive
+
     def __init__(
         self,
         items: Sequence[Item],
@@ -31,37 +37,57 @@ class Prefetcher(Generic[Item, Result]):
         self._items, self._load, self._size_of, self._max = list(items), load, size_of, max(int(max_bytes), 0)
         self._ready: deque[tuple[Item, Result | None, BaseException | None, int]] = deque()
         self._ahead = 0  # bytes loaded and not yet taken
-        self._stop = False
+        self._stop = False  # set by close(): the thread stops after its current item
+        self._finished = False  # set by the thread as it ends, for any reason
         self.waited = 0.0  # seconds the consumer spent waiting for reads
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="driftmerge-prefetch", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        for item in self._items:
-            size = self._size_of(item)
+        try:
+            self._read_all()
+        finally:  # whatever ended the thread, a waiting consumer wakes up and sees it
             with self._cond:
-                while not self._stop and self._ahead > 0 and self._ahead + size > self._max:
-                    self._cond.wait()
+                self._finished = True
+                self._cond.notify_all()
+
+    def _read_all(self) -> None:
+        for item in self._items:
+            counted, result, error = 0, None, None  # counted: bytes this item added to _ahead
+            try:
+                size = max(int(self._size_of(item)), 0)
+                with self._cond:
+                    while not self._stop and self._ahead > 0 and self._ahead + size > self._max:
+                        self._cond.wait()
+                    if self._stop:
+                        return
+                    self._ahead += size
+                    counted = size
+                result = self._load(item)
+            except BaseException as exc:  # handed to the consumer, which raises it in its own thread
+                error = exc
+            with self._cond:
                 if self._stop:
                     return
-                self._ahead += size
-            try:
-                result, error = self._load(item), None
-            except BaseException as exc:  # handed to the consumer, which raises it in its own thread
-                result, error = None, exc
-            with self._cond:
-                self._ready.append((item, result, error, size))
+                self._ready.append((item, result, error, counted))
                 self._cond.notify_all()
             if error is not None:
                 return
 
     def __iter__(self) -> Iterator[tuple[Item, Result]]:
-        for _ in range(len(self._items)):
+        total = len(self._items)
+        for k in range(total):
             with self._cond:
                 t0 = time.perf_counter()
                 while not self._ready:
-                    self._cond.wait()
+                    if self._stop:
+                        raise RuntimeError("the read-ahead was closed; it yields nothing more")
+                    if self._finished or not self._thread.is_alive():  # its appends happened under this lock
+                        raise RuntimeError(
+                            f"internal error: the read-ahead thread stopped after handing over {k} of {total} items"
+                        )
+                    self._cond.wait(self.POLL_S)
                 self.waited += time.perf_counter() - t0
                 item, result, error, size = self._ready.popleft()
                 self._ahead -= size
@@ -71,6 +97,7 @@ class Prefetcher(Generic[Item, Result]):
             yield item, result  # type: ignore[misc]
 
     def close(self) -> None:
+        """Stop the thread (after the item it is loading) and wait for it to end."""
         with self._cond:
             self._stop = True
             self._ready.clear()
