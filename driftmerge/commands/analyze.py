@@ -6,7 +6,6 @@ once (the Gram matrix needs every pair), as ``--fit pca`` does.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from driftmerge.errors import InputError
 from driftmerge.io.adapter import META, read_adapter
 from driftmerge.io.architecture import describe
 from driftmerge.io.checkpoints import open_run
+from driftmerge.io.jsonl import read_records
 from driftmerge.io.outputs import atomic_output_dir, check_output_dir
 from driftmerge.io.stream import raise_not_finite, stream_deltas
 from driftmerge.progress import Progress
@@ -181,21 +181,7 @@ def _write(
 
 
 def _read_pairs(path: Path) -> list[dict[str, str]]:
-    pairs = []
-    for k, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{k}: not a JSON line ({exc.msg})") from exc
-        if (
-            not isinstance(rec, dict)
-            or not isinstance(rec.get("prompt"), str)
-            or not isinstance(rec.get("response"), str)
-        ):
-            raise InputError(f"{path}:{k}: each line needs string fields 'prompt' and 'response'")
-        pairs.append({"prompt": rec["prompt"], "response": rec["response"]})
-    if not pairs:
-        raise InputError(f"{path}: no prompt/response pairs")
-    return pairs
+    return [
+        {"prompt": r["prompt"], "response": r["response"]}
+        for _, r in read_records(path, ("prompt", "response"), "prompt/response pairs")
+    ]

@@ -13,7 +13,6 @@ its temperature and top-p warpers, so sampling sees the extrapolated logits.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from driftmerge.errors import InputError
+from driftmerge.io.jsonl import read_records
 
 
 @dataclass
@@ -49,25 +49,11 @@ class SamplingOptions:
 
 def read_prompts(path: str | Path, need_answer: bool = False) -> list[dict[str, Any]]:
     """JSON lines, one ``{"prompt": ..., "answer": ...}`` record each (``answer`` needed by the built-in rewards)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f'{path}: no such prompts file (JSON lines with a "prompt" per line)')
-    records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as exc:
-            raise InputError(f"{path}:{n}: not valid JSON ({exc})") from exc
-        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-            raise InputError(f'{path}:{n}: each line needs a "prompt" string')
+    records = read_records(path, ("prompt",), "prompts")
+    for n, rec in records:
         if need_answer and "answer" not in rec:
             raise InputError(f'{path}:{n}: no "answer" to score against (the reward compares with it)')
-        records.append(rec)
-    if not records:
-        raise InputError(f"{path}: no prompts in it")
-    return records
+    return [rec for _, rec in records]
 
 
 class LogitExtrapolation:
