@@ -22,8 +22,10 @@ from synthetic import make_run
 from driftmerge.commands.apply import apply_drift
 from driftmerge.commands.export_mergekit import build_config, checkpoint_weights, export_mergekit, render_yaml
 from driftmerge.commands.extract import ExtractOptions, extract
+from driftmerge.commands.options import ApplyOptions
 from driftmerge.core.trajectory import LineAccumulator
 from driftmerge.errors import InputError
+from driftmerge.schema import CheckpointRecord, DriftMeta
 
 MERGEKIT_YAML = shutil.which("mergekit-yaml")
 needs_mergekit = pytest.mark.skipif(MERGEKIT_YAML is None, reason="no mergekit-yaml (pip install -e '.[dev]')")
@@ -48,7 +50,7 @@ def adapters(run, tmp_path_factory) -> dict[str, Path]:
         "pca": ExtractOptions(fit="pca"),
     }
     for name, o in opts.items():
-        extract(run.base, run.checkpoints, root / name, o)
+        extract(run.base, run.checkpoints, out_dir=root / name, options=o)
     return {name: root / name for name in opts}
 
 
@@ -69,9 +71,9 @@ def max_ulps(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ---- the weights ---------------------------------------------------------------------------------------------
-def meta_of(fit: str, steps: list[int], base_step: int = 0, **extra) -> dict:
-    cks = [{"ref": f"/run/checkpoint-{s}", "step": s} for s in steps]
-    return {"fit": fit, "checkpoints": cks, "base_step": base_step, "s_ref": steps[-1], **extra}
+def meta_of(fit: str, steps: list[int], base_step: int = 0, **extra) -> DriftMeta:
+    cks = [CheckpointRecord(ref=f"/run/checkpoint-{s}", step=s) for s in steps]
+    return DriftMeta.model_construct(fit=fit, checkpoints=cks, base_step=base_step, s_ref=steps[-1], **extra)
 
 
 def test_lsq_weights_rebuild_the_fitted_drift():
@@ -108,14 +110,14 @@ def test_config_parses_as_mergekit_configuration():
     import yaml
 
     meta = meta_of("lsq", [100, 200])
-    meta["checkpoints"][1]["ref"] = "/runs/a+b@c/checkpoint-200"
+    meta.checkpoints[1].ref = "/runs/a+b@c/checkpoint-200"
     for via, base in (("checkpoints", "/runs/base"), ("lora", "/runs/x@y/base")):
         config = build_config(meta, 1.5, via, "/runs/adapter+1", base, "bfloat16")
         parsed = config_mod.MergeConfiguration.model_validate(yaml.safe_load(render_yaml(config, ["a comment"])))
         assert parsed.merge_method == "task_arithmetic" and parsed.out_dtype == "bfloat16"
         assert parsed.base_model.model.path == base and parsed.parameters == {"normalize": False, "lambda": 1.0}
         got = [(m.model.model.path, m.model.lora and m.model.lora.path, m.parameters["weight"]) for m in parsed.models]
-        refs = [c["ref"] for c in meta["checkpoints"]]
+        refs = [c.ref for c in meta.checkpoints]
         want = [(base, "/runs/adapter+1", 1.5)]
         if via == "checkpoints":
             want = [(r, None, w) for r, w in zip(refs, checkpoint_weights(meta, 1.5), strict=True)]
@@ -123,6 +125,7 @@ def test_config_parses_as_mergekit_configuration():
 
 
 # ---- mergekit-yaml against apply -----------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_mergekit
 def test_checkpoint_merge_equals_full_rank_apply(run, adapters, tmp_path):
     """The exported checkpoint merge rebuilds ``apply --scale 1.5`` from a full-rank adapter, every tensor (norms and
@@ -131,7 +134,7 @@ def test_checkpoint_merge_equals_full_rank_apply(run, adapters, tmp_path):
     r = export_mergekit(adapters["full"], tmp_path / "mk.yaml", scale=scale)
     assert [Path(m).parent for m, _ in r.models] == [run.base.parent] * 3
     merged = mergekit(r.out_file, tmp_path / "merged")
-    apply_drift(adapters["full"], tmp_path / "applied", scale=scale)
+    apply_drift(adapters["full"], tmp_path / "applied", options=ApplyOptions(scale=scale))
     applied, base = load_weights(tmp_path / "applied"), load_weights(run.base)
     assert merged.keys() == applied.keys() == base.keys()
     for name in applied:
@@ -139,11 +142,12 @@ def test_checkpoint_merge_equals_full_rank_apply(run, adapters, tmp_path):
         assert max_ulps(merged[name], applied[name]) <= 4, name
         assert not torch.equal(merged[name], base[name]), name  # every tensor moved, extras too
     # the rank-1 adapter's apply is the rank-1 approximation: visibly off the full merge
-    apply_drift(adapters["rank1"], tmp_path / "applied-r1", scale=scale)
+    apply_drift(adapters["rank1"], tmp_path / "applied-r1", options=ApplyOptions(scale=scale))
     rank1 = load_weights(tmp_path / "applied-r1")
     assert max(max_ulps(merged[n], rank1[n]) for n in merged) > 1000
 
 
+@pytest.mark.slow
 @needs_mergekit
 def test_lora_merge_equals_apply_on_lora_tensors(run, adapters, tmp_path):
     """``BASE+ADAPTER`` at weight S rebuilds apply's LoRA-carrying tensors from the rank-1 adapter as written by
@@ -151,7 +155,7 @@ def test_lora_merge_equals_apply_on_lora_tensors(run, adapters, tmp_path):
     r = export_mergekit(adapters["rank1"], tmp_path / "mk.yaml", step=600, via="lora")  # step 600 = scale 2
     assert r.scale == 2.0 and r.models == [(f"{run.base}+{adapters['rank1']}", 2.0)]
     merged = mergekit(r.out_file, tmp_path / "merged")
-    apply_drift(adapters["rank1"], tmp_path / "applied", scale=2.0)
+    apply_drift(adapters["rank1"], tmp_path / "applied", options=ApplyOptions(scale=2.0))
     applied, base = load_weights(tmp_path / "applied"), load_weights(run.base)
     records = json.loads((adapters["rank1"] / "driftmerge.json").read_text())["tensors"]
     lora = {n for n, rec in records.items() if rec["stored"] == "lora"}
@@ -163,6 +167,7 @@ def test_lora_merge_equals_apply_on_lora_tensors(run, adapters, tmp_path):
         assert torch.equal(merged[name], base[name]) and not torch.equal(applied[name], base[name]), name
 
 
+@pytest.mark.slow
 @needs_mergekit
 def test_bfloat16_base_stores_bfloat16_like_apply(tmp_path, monkeypatch, capsys):
     """A bfloat16 run: the default config computes in float32 and stores bfloat16 (the base's dtype), as apply
@@ -170,14 +175,14 @@ def test_bfloat16_base_stores_bfloat16_like_apply(tmp_path, monkeypatch, capsys)
     halfway between two bfloat16 values) common, and there those few ulps may round either way: the two outputs
     differ only there, by one bfloat16 step."""
     run = make_run(tmp_path / "run", arch="llama", noise=0.05, curvature=0.2, seed=3, dtype=torch.bfloat16)
-    extract(run.base, run.checkpoints, tmp_path / "adapter", ExtractOptions(rank=32, svd="exact"))
+    extract(run.base, run.checkpoints, out_dir=tmp_path / "adapter", options=ExtractOptions(rank=32, svd="exact"))
     code, _, err = run_cli(
         ["export-mergekit", tmp_path / "adapter", "--scale", "1.5", "-o", tmp_path / "mk.yaml"], monkeypatch, capsys
     )
     assert code == 0, err
     merged = mergekit(tmp_path / "mk.yaml", tmp_path / "merged")
-    apply_drift(tmp_path / "adapter", tmp_path / "applied", scale=1.5)
-    apply_drift(tmp_path / "adapter", tmp_path / "applied32", scale=1.5, dtype="float32")
+    apply_drift(tmp_path / "adapter", tmp_path / "applied", options=ApplyOptions(scale=1.5))
+    apply_drift(tmp_path / "adapter", tmp_path / "applied32", options=ApplyOptions(scale=1.5, dtype="float32"))
     applied, exact = load_weights(tmp_path / "applied"), load_weights(tmp_path / "applied32")
     for name, w in applied.items():
         assert merged[name].dtype == w.dtype == torch.bfloat16, name
@@ -269,7 +274,7 @@ def test_cli_base_override(adapters, run, tmp_path, cli):
 
 def test_cli_refuses_a_checkpoint_merge_of_a_partial_adapter(run, tmp_path, cli):
     """An adapter fitted with --exclude leaves those tensors at the base; a checkpoint merge would move them."""
-    extract(run.base, run.checkpoints, tmp_path / "adapter", ExtractOptions(exclude="norm"))
+    extract(run.base, run.checkpoints, out_dir=tmp_path / "adapter", options=ExtractOptions(exclude="norm"))
     code, _, err = cli("export-mergekit", tmp_path / "adapter", "--scale", "1", "-o", tmp_path / "mk.yaml")
     assert_one_line_error(code, err, 3, "--exclude", "layernorm", "--via lora")
     code, _, err = cli(

@@ -132,41 +132,41 @@ def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: boo
     out_dir = Path(out_dir)
     check_output_dir(out_dir, [Path(adapter_dir)], overwrite)
     stats = []
-    for name, rec in meta["tensors"].items():
-        norm = float(rec.get("drift_norm") or 0.0)
-        r2 = rec.get("r2")
+    for name, rec in meta.tensors.items():
+        norm = rec.drift_norm
+        r2 = rec.r2
         weight = norm * norm if r2 is not None else 0.0
-        energy = rec.get("energy")
+        energy = rec.energy
         stats.append(
             TensorStats(
                 name=name,
                 module_type=module_type(name),
                 layer=layer_of(name),
-                shape=rec["shape"],
+                shape=rec.shape,
                 delta_norms=[norm],
                 step_cosines=[],
                 projection=[norm],
                 drift_norm=norm,
                 ss_tot=weight,
                 ss_res=(1.0 - r2) * weight if r2 is not None else 0.0,
-                energy_top={1: energy} if rec.get("rank") == 1 and energy is not None else None,
+                energy_top={1: energy} if rec.rank == 1 and energy is not None else None,
             )
         )
-    steps = [meta["s_ref"]]
+    steps = [meta.s_ref]
     refs = {
         "source": "adapter",
-        "base": meta["base"]["ref"],
+        "base": meta.base.ref,
         "checkpoints": [f"{Path(adapter_dir).absolute()} ({META})"],
     }
     settings = {
         "sample_frac": None,
         "spectrum": None,
         "min_move": None,
-        "seed": meta.get("seed"),
+        "seed": meta.seed,
         "logprob_min_move": None,
     }
-    report = build_report(stats, steps, meta["base_step"], refs, settings)
-    report["checkpoints"] = meta["checkpoints"]
+    report = build_report(stats, steps, meta.base_step, refs, settings)
+    report["checkpoints"] = [c.model_dump() for c in meta.checkpoints]
     return _write(report, stats, out_dir, [Path(adapter_dir)], overwrite)
 
 

@@ -37,6 +37,7 @@ from driftmerge.io.adapter import Adapter, read_adapter
 from driftmerge.io.checkpoints import Checkpoint, check_compatible
 from driftmerge.io.outputs import check_output_file, write_text_atomic
 from driftmerge.io.sources import check_matches_base
+from driftmerge.schema import DriftMeta
 
 VIAS = ("checkpoints", "lora")
 DEFAULT_OUTPUT = "driftmerge-mergekit.yaml"
@@ -54,17 +55,17 @@ class ExportResult:
     run: str  # the mergekit command to run
 
 
-def checkpoint_weights(meta: dict[str, Any], scale: float) -> list[float]:
+def checkpoint_weights(meta: DriftMeta, scale: float) -> list[float]:
     """Task-arithmetic weights ``w_i`` of the recorded checkpoints so that ``Σ w_i (W_i − W0) = scale · D``.
 
     ``lsq``: ``D = t_ref Σ t_i D_i / Σ t_j²`` with ``t_i = s_i − s_base`` and ``t_ref = s_ref − s_base``, hence
     ``w_i = scale · t_ref · t_i / Σ t_j²`` (one checkpoint: ``w_1 = scale``). ``endpoint``: ``D = D_N``, hence
     ``w_N = scale`` and 0 elsewhere. An adapter already scaled by ``apply --format adapter`` carries its scale
-    ``c`` in ``meta["scale"]`` and ``apply`` from it moves ``scale · c · D``: ``c`` multiplies every weight.
+    ``c`` in ``meta.scale`` and ``apply`` from it moves ``scale · c · D``: ``c`` multiplies every weight.
     """
-    fit = meta["fit"]
-    steps = [c["step"] for c in meta["checkpoints"]]
-    s = scale * float(meta.get("scale", 1.0))
+    fit = meta.fit
+    steps = [c.step for c in meta.checkpoints]
+    s = scale * (meta.scale if meta.scale is not None else 1.0)
     if fit == "endpoint":
         return [0.0] * (len(steps) - 1) + [s]
     if fit != "lsq":
@@ -72,8 +73,8 @@ def checkpoint_weights(meta: dict[str, Any], scale: float) -> list[float]:
             f"the {fit} fit is no fixed combination of the checkpoints, so a checkpoint merge cannot reproduce it;"
             " pass --via lora to merge the adapter itself"
         )
-    t = [x - meta["base_step"] for x in steps]
-    t_ref = meta["s_ref"] - meta["base_step"]
+    t = [x - meta.base_step for x in steps]
+    t_ref = meta.s_ref - meta.base_step
     sq = sum(x * x for x in t)
     return [s * t_ref * x / sq for x in t]
 
@@ -91,12 +92,12 @@ def model_ref(path: str, lora: str | None = None) -> str | dict[str, Any]:
 
 
 def build_config(
-    meta: dict[str, Any], scale: float, via: str, adapter_dir: str, base: str, out_dtype: str
+    meta: DriftMeta, scale: float, via: str, adapter_dir: str, base: str, out_dtype: str
 ) -> dict[str, Any]:
     """The mergekit config (its ``MergeConfiguration`` schema) for ``W0 + scale · drift``; paths absolute."""
     if via == "checkpoints":
         weights = checkpoint_weights(meta, scale)
-        refs = [c["ref"] for c in meta["checkpoints"]]
+        refs = [c.ref for c in meta.checkpoints]
         models = [(model_ref(r), w) for r, w in zip(refs, weights, strict=True) if w != 0.0]
     elif via == "lora":
         models = [(model_ref(base, adapter_dir), scale)]
@@ -112,24 +113,23 @@ def build_config(
     }
 
 
-def fidelity_notes(meta: dict[str, Any], via: str) -> list[str]:
+def fidelity_notes(meta: DriftMeta, via: str) -> list[str]:
     """What the merge reproduces of ``apply`` from this adapter, and what it does not (one sentence each)."""
-    summary = meta.get("summary") or {}
+    summary = meta.summary
     if via == "checkpoints":
         notes = [
-            f"W0 + scale · D with the full {meta['fit']} drift D, norms and biases included: what apply gives from a"
+            f"W0 + scale · D with the full {meta.fit} drift D, norms and biases included: what apply gives from a"
             " full-rank adapter"
         ]
-        energy, r_min, r_max = summary.get("energy_kept"), summary.get("rank_min"), summary.get("rank_max")
-        if energy is not None and energy < 1.0 - 1e-6:
+        energy, r_min, r_max = summary.energy_kept, summary.rank_min, summary.rank_max
+        if energy < 1.0 - 1e-6:
             ranks = f"rank {r_min}" if r_min == r_max else f"ranks {r_min}-{r_max}"
             notes.append(
                 f"this adapter keeps {ranks} ({100 * energy:.2f} % of the LoRA tensors' drift energy): apply from it"
                 " gives that low-rank approximation of this merge"
             )
         return notes
-    share = summary.get("extras_share")
-    left = f"{100 * share:.2f} % of the drift energy" if share is not None else "the full-rank drift"
+    left = f"{100 * summary.extras_share:.2f} % of the drift energy"
     return [
         "W0 + scale · B A on the LoRA-carrying tensors, as apply gives",
         f"not the extras ({left}: norms, biases in drift_extras.safetensors): PEFT and mergekit do not read them,"
@@ -155,11 +155,11 @@ def render_yaml(config: dict[str, Any], comments: list[str]) -> str:
     return "".join(f"# {line}\n" for line in head) + body
 
 
-def header(meta: dict[str, Any], adapter_dir: str, scale: float, step: float, via: str, config_file: Path,
+def header(meta: DriftMeta, adapter_dir: str, scale: float, step: float, via: str, config_file: Path,
            command: str | None) -> list[str]:  # fmt: skip
     """The comment lines that open the file: how it was made, how to run it, what it reproduces."""
     how = {
-        "checkpoints": f"task_arithmetic over the {meta['fit']} fit's checkpoints: W = W0 + Σ w_i (W_i − W0)",
+        "checkpoints": f"task_arithmetic over the {meta.fit} fit's checkpoints: W = W0 + Σ w_i (W_i − W0)",
         "lora": "task_arithmetic on BASE+ADAPTER (mergekit merges the PEFT adapter, W0 + B A): W = W0 + scale · B A",
     }[via]
     lines = [
@@ -168,10 +168,10 @@ def header(meta: dict[str, Any], adapter_dir: str, scale: float, step: float, vi
         "run it with:",
         f"  {mergekit_command(config_file, via)}",
         f"it reproduces `driftmerge apply {adapter_dir} --scale {scale:g}` (step {step:g}; scale 1 = step"
-        f" {meta['s_ref']}, the last checkpoint)",
+        f" {meta.s_ref}, the last checkpoint)",
         f"  as {how}",
     ]
-    if via == "checkpoints" and meta["fit"] == "lsq":
+    if via == "checkpoints" and meta.fit == "lsq":
         lines.append("  w_i = scale · t_ref · t_i / Σ t_j², t_i = step_i − base_step, t_ref = s_ref − base_step")
     lines += [f"  {n}" for n in fidelity_notes(meta, via)]
     if via == "lora":
@@ -206,15 +206,16 @@ def export_mergekit(
     adapter_path = Path(adapter_dir).absolute()
     adapter = read_adapter(adapter_path)
     meta = adapter.meta
-    scale = scale if scale is not None else scale_for_step(step, meta)  # type: ignore[arg-type]
+    steps = {"base_step": meta.base_step, "s_ref": meta.s_ref}
+    scale = scale if scale is not None else scale_for_step(step, **steps)  # type: ignore[arg-type]
     if not math.isfinite(scale):
         raise InputError(f"the scale must be a finite number, got {scale}")
-    step = step_for_scale(scale, meta)
+    step = step_for_scale(scale, **steps)
     if via == "checkpoints":
         checkpoint_weights(meta, scale)  # a pca fit fails here, before any folder is opened
     inputs = _check_inputs(adapter, via, Path(base).absolute() if base is not None else None)
     _check_not_inside(out_file, [adapter_path, *inputs])
-    out_dtype = dtype if dtype != "auto" else (meta.get("storage_dtype") or "float32")
+    out_dtype = dtype if dtype != "auto" else (meta.storage_dtype or "float32")
     config = build_config(meta, scale, via, str(adapter_path), str(inputs[0]), out_dtype)
     comments = header(meta, str(adapter_path), scale, step, via, out_file, command)
     write_text_atomic(out_file, render_yaml(config, comments), overwrite, "the config")
@@ -240,25 +241,25 @@ def _check_inputs(adapter: Adapter, via: str, base: Path | None) -> list[Path]:
     merge, every recorded checkpoint must be model folders of the adapter's architecture. A checkpoint merge also
     needs the very base the drift was fitted from: on another base ``W0'`` the merge ``W0' + Σ w_i (W_i − W0')``
     also moves it by ``Σ w_i (W0 − W0')``."""
-    recorded = adapter.meta["base"]
-    base_ck = Checkpoint(base if base is not None else _folder(recorded["ref"], "base"))
-    if via == "checkpoints" and recorded.get("probe") and base_ck.probe() != recorded["probe"]:
+    recorded = adapter.meta.base
+    base_ck = Checkpoint(base if base is not None else _folder(recorded.ref, "base"))
+    if via == "checkpoints" and recorded.probe and base_ck.probe() != recorded.probe:
         raise InputError(
-            f"{base_ck.path}: holds other weights than the base the drift was fitted from ({recorded['ref']}); a"
+            f"{base_ck.path}: holds other weights than the base the drift was fitted from ({recorded.ref}); a"
             " checkpoint merge needs that base (or pass --via lora to move this one)"
         )
     check_matches_base(adapter, base_ck)
     folders = [base_ck.path.absolute()]
     if via == "checkpoints":
-        moved = set(adapter.meta["tensors"]) | set(adapter.meta.get("tied") or {})
+        moved = set(adapter.meta.tensors) | set(adapter.meta.tied)
         left = [n for n, i in base_ck.infos.items() if i.dtype.is_floating_point and n not in moved]
         if left:
             raise InputError(
                 f"the adapter leaves {len(left)} tensor(s) at the base ({left[0]}, …: extract --include/--exclude),"
                 " which a checkpoint merge would move too; pass --via lora to merge the adapter itself"
             )
-        for rec in adapter.meta["checkpoints"]:
-            ck = Checkpoint(_folder(rec["ref"], f"checkpoint (step {rec['step']})"))
+        for rec in adapter.meta.checkpoints:
+            ck = Checkpoint(_folder(rec.ref, f"checkpoint (step {rec.step})"))
             check_compatible(base_ck, [ck])
             folders.append(ck.path.absolute())
     return folders

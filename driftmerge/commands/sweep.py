@@ -65,14 +65,14 @@ def run_sweep(
     progress: Progress | None = None,
 ) -> SweepResult:
     """Score every scale of ``opts.scales`` (alphas in logits mode) and return the table."""
-    from driftmerge.core.drift import step_for_scale
+    from driftmerge.core.drift import scale_for_step, step_for_scale
     from driftmerge.io.sources import open_adapter
 
     opts.validate()
     _, adapter_data = open_adapter(adapter)
     meta = adapter_data.meta
-    ck_scales = [(c["step"], (c["step"] - meta["base_step"]) / (meta["s_ref"] - meta["base_step"]))
-                 for c in meta["checkpoints"]]  # fmt: skip
+    steps = {"base_step": meta.base_step, "s_ref": meta.s_ref}
+    ck_scales = [(c.step, scale_for_step(c.step, **steps)) for c in meta.checkpoints]
     if opts.eval_cmd is not None:
         rows = _sweep_external(adapter, base, opts, progress)
         return SweepResult(opts.mode, rows, ck_scales, [], meta)
@@ -86,7 +86,7 @@ def run_sweep(
     rows, completions = [], []
     for i, (scale, texts) in enumerate(runner(adapter, base, records, opts)):
         rewards = [[score(reward, rec, t) for t in ts] for rec, ts in zip(records, texts, strict=True)]
-        step = step_for_scale(scale, meta)
+        step = step_for_scale(scale, **steps)
         rows.append(summarize(scale, step, rewards))
         completions += [
             {"scale": scale, "prompt": p, "sample": k, "completion": t, "reward": r}
@@ -133,11 +133,12 @@ def _logits_runner(adapter, base, records, opts):  # type: ignore[no-untyped-def
 def _sweep_external(adapter, base, opts: SweepOptions, progress: Progress | None) -> list[ScaleResult]:  # type: ignore[no-untyped-def]
     """Write each scale's model with ``apply`` and let ``opts.eval_cmd`` score it."""
     from driftmerge.commands.apply import apply_drift
+    from driftmerge.commands.options import ApplyOptions
 
     rows = []
     for i, scale in enumerate(opts.scales):
         with tempfile.TemporaryDirectory(prefix="driftmerge-sweep-") as tmp:
-            applied = apply_drift(adapter, Path(tmp) / "model", scale=scale, base=base)
+            applied = apply_drift(adapter, Path(tmp) / "model", options=ApplyOptions(scale=scale, base=base))
             mean, se = run_eval_cmd(opts.eval_cmd, applied.out_dir, scale)  # type: ignore[arg-type]
         rows.append(ScaleResult(scale, applied.step, mean, se, 0))
         if progress:

@@ -17,6 +17,7 @@ from driftmerge.core.drift import moved
 from driftmerge.errors import InputError
 from driftmerge.io.models import load_causal_lm
 from driftmerge.io.sources import delta_sources, open_adapter, open_base
+from driftmerge.schema import DriftMeta
 
 
 class DriftedModel:
@@ -39,7 +40,7 @@ class DriftedModel:
         self.scale = 0.0
 
     @property
-    def meta(self) -> dict:
+    def meta(self) -> DriftMeta:
         return self.adapter.meta
 
     @torch.no_grad()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from driftmerge.errors import InputError
+from driftmerge.schema import DriftMeta
 
 
 @dataclass
@@ -36,7 +37,7 @@ class SweepResult:
     rows: list[ScaleResult]
     checkpoint_scales: list[tuple[int, float]]  # (step, scale) of each checkpoint the drift was fitted on
     completions: list[dict[str, Any]]  # every sample: scale, prompt index, sample, completion, reward
-    meta: dict[str, Any]
+    meta: DriftMeta
 
     @property
     def best(self) -> ScaleResult:

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
+from driftmerge.hub.refs import is_repo_id
+from driftmerge.schema import DriftMeta, HubEntry, Summary
 
 TAGS = ["driftmerge", "rlvr"]
 
 
 def hub_id_or_none(ref: str) -> str | None:
-    """``ref`` when it reads as a Hub repo id (``org/name``) and is not a local path; else None."""
-    return ref if _HUB_ID.match(ref) and not Path(ref).exists() else None
+    """``ref`` when it reads as a Hub repo id (:func:`~driftmerge.hub.refs.is_repo_id`) and is not a local path."""
+    return ref if is_repo_id(ref) and not Path(ref).exists() else None
 
 
 def card_data(base: dict[str, Any], library_name: str | None, tags: list[str]) -> dict[str, Any]:
@@ -37,41 +36,40 @@ def render(data: dict[str, Any], body: str) -> str:
     return str(ModelCard(f"---\n{ModelCardData(**fields).to_yaml()}\n---\n\n{body}"))
 
 
-def _ref_text(entry: dict[str, Any]) -> str:
-    """An input as a reader can find it: ``org/name@commit`` for a Hub input, else its path."""
-    hub = entry.get("hub")
-    return f"{hub['repo_id']}@{hub['commit'][:12]}" if hub else entry["ref"]
+def _ref_text(ref: str, hub: HubEntry | None) -> str:
+    """An input as a reader can find it: ``org/name@commit`` for a Hub input (``hub``), else its path."""
+    return f"{hub['repo_id']}@{hub['commit'][:12]}" if hub else ref
 
 
-def drift_facts(meta: dict[str, Any], summary: dict[str, Any]) -> str:
+def drift_facts(meta: DriftMeta, summary: Summary) -> str:
     """The bullet list both cards share: inputs, steps, fit, ranks, kept energy, linearity."""
-    steps = ", ".join(str(c["step"]) for c in meta["checkpoints"])
-    hub_cks = [c for c in meta["checkpoints"] if c.get("hub")]
-    from_hub = "".join(f"\n  - step {c['step']}: `{_ref_text(c)}`" for c in hub_cks)
-    kept, share = f"{summary['energy_kept']:.4f}", f"{100 * summary['extras_share']:.2f} %"
-    return f"""- base: `{_ref_text(meta["base"])}` (step {meta["base_step"]})
-- checkpoints: steps {steps}; reference step (scale 1) {meta["s_ref"]}{from_hub}
-- fit: `{meta["fit"]}`; factorization: `{meta["svd"]}` (seed {meta["seed"]}); rank rule: {meta["rank_rule"]}
-- LoRA modules: {summary["lora_tensors"]}, {_ranks(summary)}; drift energy kept by the factors: {kept}
-- linearity: median R² of the fitted line over the tensors: {_fmt(summary["median_r2"])}
-- outside PEFT: {summary["extras_tensors"]} full-rank tensors (norms, biases), {share} of the drift energy"""
+    steps = ", ".join(str(c.step) for c in meta.checkpoints)
+    hub_cks = [c for c in meta.checkpoints if c.hub]
+    from_hub = "".join(f"\n  - step {c.step}: `{_ref_text(c.ref, c.hub)}`" for c in hub_cks)
+    kept, share = f"{summary.energy_kept:.4f}", f"{100 * summary.extras_share:.2f} %"
+    return f"""- base: `{_ref_text(meta.base.ref, meta.base.hub)}` (step {meta.base_step})
+- checkpoints: steps {steps}; reference step (scale 1) {meta.s_ref}{from_hub}
+- fit: `{meta.fit}`; factorization: `{meta.svd}` (seed {meta.seed}); rank rule: {meta.rank_rule}
+- LoRA modules: {summary.lora_tensors}, {_ranks(summary)}; drift energy kept by the factors: {kept}
+- linearity: median R² of the fitted line over the tensors: {_fmt(summary.median_r2)}
+- outside PEFT: {summary.extras_tensors} full-rank tensors (norms, biases), {share} of the drift energy"""
 
 
-def adapter_card(meta: dict[str, Any], summary: dict[str, Any]) -> str:
+def adapter_card(meta: DriftMeta, summary: Summary) -> str:
     """Card for an extracted (or scaled) adapter folder."""
-    data = card_data(meta["base"], "peft", [*TAGS, "lora"])
-    scale = meta.get("scale")
+    data = card_data(meta.base.model_dump(), "peft", [*TAGS, "lora"])
+    scale = meta.scale
     scaled = f"\nThe scale **{scale}** is baked into `lora_alpha` and the extras.\n" if scale is not None else ""
     body = f"""# driftmerge drift adapter
 
 The linear weight drift of an RLVR run, fitted across the base and its checkpoints and stored as a
-{_rank_text(meta["rank_rule"])} LoRA adapter by [driftmerge](https://pypi.org/project/driftmerge/).
+{_rank_text(meta.rank_rule)} LoRA adapter by [driftmerge](https://pypi.org/project/driftmerge/).
 {scaled}
 {drift_facts(meta, summary)}
 
 **PEFT sees only part of the drift.** `drift_extras.safetensors` holds the full-rank drift of
-{summary["extras_tensors"]} tensors PEFT cannot scale (norms, biases, other 1-D tensors):
-{100 * summary["extras_share"]:.2f} % of the drift's energy. PEFT ignores that file; `driftmerge apply` uses it.
+{summary.extras_tensors} tensors PEFT cannot scale (norms, biases, other 1-D tensors):
+{100 * summary.extras_share:.2f} % of the drift's energy. PEFT ignores that file; `driftmerge apply` uses it.
 {_tied_note(meta)}
 ## Use
 
@@ -87,24 +85,24 @@ model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")  # scale 1
 ## Made with
 
 ```
-{meta.get("command") or "driftmerge (library call)"}
+{meta.command or "driftmerge (library call)"}
 ```
 """
     return render(data, body)
 
 
 def model_card(
-    base: dict[str, Any], adapter_ref: str, adapter_meta: dict[str, Any], scale: float, step: float, command: str | None
+    base: dict[str, Any], adapter_ref: str, adapter_meta: DriftMeta, scale: float, step: float, command: str | None
 ) -> str:
     """Card for a model written by ``driftmerge apply``; ``base`` = {"ref", "hub", "license"} of the base used."""
     data = card_data(base, None, [*TAGS, "extrapolation"])
     body = f"""# driftmerge model at scale {scale:g}
 
 `W = W0 + {scale:g} · drift`, made by [driftmerge](https://pypi.org/project/driftmerge/) from the base
-`{_ref_text(base)}` and the drift adapter `{adapter_ref}`.
+`{_ref_text(base["ref"], base.get("hub"))}` and the drift adapter `{adapter_ref}`.
 
-- scale: **{scale:g}**, i.e. step {step:g} (scale 1 = the reference checkpoint at step {adapter_meta["s_ref"]})
-{drift_facts(adapter_meta, adapter_meta["summary"])}
+- scale: **{scale:g}**, i.e. step {step:g} (scale 1 = the reference checkpoint at step {adapter_meta.s_ref})
+{drift_facts(adapter_meta, adapter_meta.summary)}
 
 A scale above 1 extrapolates beyond the last checkpoint: evaluate it before you rely on it.
 
@@ -139,8 +137,8 @@ def analysis_section(report: dict[str, Any], figures: list[str]) -> str:
 """
 
 
-def _ranks(summary: dict[str, Any]) -> str:
-    lo, hi = summary["rank_min"], summary["rank_max"]
+def _ranks(summary: Summary) -> str:
+    lo, hi = summary.rank_min, summary.rank_max
     return f"rank {lo}" if lo == hi else f"ranks {lo}–{hi}"
 
 
@@ -152,8 +150,8 @@ def _fmt(x: float | None) -> str:
     return "n/a (needs ≥ 2 checkpoints)" if x is None else f"{x:.4f}"
 
 
-def _tied_note(meta: dict[str, Any]) -> str:
-    tied = meta.get("tied") or {}
+def _tied_note(meta: DriftMeta) -> str:
+    tied = meta.tied
     if not tied:
         return ""
     pairs = ", ".join(f"`{a}` = `{b}`" for a, b in tied.items())

@@ -192,9 +192,10 @@ def _card_text(folder: Path, kind: str) -> str:
     meta_path = folder / "driftmerge.json"
     if kind == "adapter" and meta_path.is_file():
         from driftmerge.hub.cards import adapter_card
+        from driftmerge.schema import read_meta
 
-        meta = json.loads(meta_path.read_text())
-        return adapter_card(meta, meta["summary"])
+        meta = read_meta(meta_path)
+        return adapter_card(meta, meta.summary)
     raise InputError(f"{folder}: no README.md model card (driftmerge writes one; was it removed?)")
 
 

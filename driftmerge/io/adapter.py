@@ -1,4 +1,4 @@
-"""The adapter folder (DESIGN §4): PEFT LoRA files + full-rank extras + driftmerge metadata; write and read.
+"""The adapter folder (docs/design.md §3.1): PEFT LoRA files + full-rank extras + driftmerge metadata; write and read.
 
 PEFT applies ``ΔW = (lora_alpha / r) · B A`` (transposed for embeddings and fan_in_fan_out Conv1D). driftmerge
 writes ``lora_alpha = r`` per module (through ``alpha_pattern`` where the rank differs), so PEFT's scaling is 1;
@@ -17,13 +17,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from driftmerge.errors import InputError
+from driftmerge.schema import META, DriftMeta, parse_meta
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXTRAS = "drift_extras.safetensors"
-META = "driftmerge.json"
 CARD = "README.md"
-FORMAT_VERSION = 1
 PEFT_PREFIX = "base_model.model."
 
 
@@ -56,7 +55,7 @@ class LoraModule:
 class Adapter:
     modules: dict[str, LoraModule]  # module path -> LoRA factors
     extras: dict[str, torch.Tensor]  # tensor name -> full-rank drift (float32)
-    meta: dict[str, Any]  # driftmerge.json
+    meta: DriftMeta  # driftmerge.json
     config: dict[str, Any] = field(default_factory=dict)  # adapter_config.json
 
     @property
@@ -108,7 +107,7 @@ def write_adapter(
     folder: Path,
     modules: dict[str, LoraModule],
     extras: dict[str, torch.Tensor],
-    meta: dict[str, Any],
+    meta: DriftMeta,
     config: dict[str, Any],
     card: str,
 ) -> None:
@@ -124,7 +123,7 @@ def write_adapter(
         metadata={"format": "pt"},  # one key only: safetensors writes metadata in hash order
     )
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-    (folder / META).write_text(json.dumps(meta, indent=2) + "\n")
+    (folder / META).write_text(meta.to_json())
     (folder / CARD).write_text(card)
 
 
@@ -138,23 +137,19 @@ def read_adapter(folder: str | Path) -> Adapter:
             raise InputError(f"{folder}: missing {name}; not a driftmerge adapter folder (run driftmerge extract)")
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
-        meta = json.loads((folder / META).read_text())
+        raw_meta = json.loads((folder / META).read_text())
         weights = load_file(str(folder / ADAPTER_WEIGHTS))
         extras = load_file(str(folder / EXTRAS)) if (folder / EXTRAS).is_file() else {}
     except Exception as exc:
         raise InputError(
             f"{folder}: cannot read the adapter ({str(exc).splitlines()[0]}); run driftmerge extract again"
         ) from exc
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(
-            f"{folder / META}: unsupported format_version {meta.get('format_version')!r}; extract it again with this"
-            " driftmerge"
-        )
+    meta = parse_meta(raw_meta, folder / META)
     modules: dict[str, LoraModule] = {}
-    for name, rec in meta.get("tensors", {}).items():
-        if rec.get("stored") != "lora":
+    for name, rec in meta.tensors.items():
+        if rec.stored != "lora" or rec.module is None:  # a lora record always names its module
             continue
-        path, kind = rec["module"], rec["kind"]
+        path, kind = rec.module, rec.kind
         key_a, key_b = lora_keys(path, kind)
         if key_a not in weights or key_b not in weights:
             raise InputError(f"{folder / ADAPTER_WEIGHTS}: no factors for {path}; run driftmerge extract again")
@@ -166,8 +161,8 @@ def read_adapter(folder: str | Path) -> Adapter:
                 f"{folder}: {path} has rank {r} on disk but {r_cfg} in {ADAPTER_CONFIG}; run driftmerge extract again"
             )
         modules[path] = LoraModule(name, kind, weights[key_a], weights[key_b], scaling=alpha / r)
-    for name, rec in meta.get("tensors", {}).items():
-        if rec.get("stored") == "extras" and name not in extras:
+    for name, rec in meta.tensors.items():
+        if rec.stored == "extras" and name not in extras:
             raise InputError(f"{folder / EXTRAS}: missing the drift of {name}; run driftmerge extract again")
     return Adapter(modules=modules, extras={k: v.float() for k, v in extras.items()}, meta=meta, config=config)
 

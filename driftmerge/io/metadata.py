@@ -1,18 +1,43 @@
-"""``driftmerge.json``: what an adapter records about how it was made (inputs, steps, options, per-tensor facts), and
-the summary printed and put in the model card."""
+"""``driftmerge.json`` from an extraction: the :class:`~driftmerge.schema.DriftMeta` record of the inputs, steps,
+options and per-tensor facts, with the summary printed and put in the model card. The models themselves live in
+:mod:`driftmerge.schema` (the Hub cards read them too) and are importable from here."""
 
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from driftmerge import __version__
 from driftmerge.hub.refs import base_license
-from driftmerge.io.adapter import FORMAT_VERSION
 from driftmerge.io.architecture import Architecture
 from driftmerge.io.checkpoints import Checkpoint
+from driftmerge.schema import (
+    FORMAT_VERSION,
+    BaseRecord,
+    CheckpointRecord,
+    DriftMeta,
+    HubEntry,
+    Summary,
+    TensorRecord,
+    parse_meta,
+    read_meta,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BaseRecord",
+    "CheckpointRecord",
+    "DriftMeta",
+    "HubEntry",
+    "Summary",
+    "TensorRecord",
+    "build_meta",
+    "parse_meta",
+    "read_meta",
+    "summarize_records",
+]
 
 
 def build_meta(
@@ -24,71 +49,75 @@ def build_meta(
     device: torch.device,
     factor_dtype: str,
     arch: Architecture,
-    records: dict[str, dict[str, Any]],
+    records: dict[str, TensorRecord],
     command: str | None,
-) -> dict[str, Any]:
+) -> DriftMeta:
+    """The record of one extraction (``records`` complete: every LoRA tensor has its rank and energy)."""
     dtypes = [str(i.dtype).removeprefix("torch.") for i in base.infos.values() if i.dtype.is_floating_point]
-    return {
-        "format_version": FORMAT_VERSION,
-        "driftmerge_version": __version__,
-        "base": {
-            "ref": str(base.path.absolute()),
-            "step": opts.base_step,
-            "signature": base.signature(),
-            "probe": base.probe(),
-            "license": base_license(base.path),
-            **_hub_entry(base),
-        },
-        "checkpoints": [
-            {"ref": str(c.path.absolute()), "step": s, **_hub_entry(c)} for c, s in zip(cks, steps, strict=True)
+    return DriftMeta(
+        format_version=FORMAT_VERSION,
+        driftmerge_version=__version__,
+        base=BaseRecord(
+            ref=str(base.path.absolute()),
+            step=opts.base_step,
+            signature=base.signature(),
+            probe=base.probe(),
+            license=base_license(base.path),
+            hub=_hub(base),
+        ),
+        checkpoints=[
+            CheckpointRecord(ref=str(c.path.absolute()), step=s, hub=_hub(c)) for c, s in zip(cks, steps, strict=True)
         ],
-        "steps_source": source,
-        "base_step": opts.base_step,
-        "s_ref": steps[-1],
-        "fit": opts.fit,
-        "rank_rule": opts.rank,
-        "svd": opts.svd,
-        "seed": opts.seed,
-        "niter": opts.niter,
-        "oversample": opts.oversample,
-        "max_memory": opts.max_memory,
-        "device": device.type,
-        "factor_dtype": factor_dtype if opts.svd == "randomized" else None,
-        "storage_dtype": max(set(dtypes), key=dtypes.count) if dtypes else None,
-        "adapter_dtype": "float32",
-        "include": opts.include,
-        "exclude": opts.exclude,
-        "architecture_source": arch.source,
-        "fan_in_fan_out": arch.fan_in_fan_out,
-        "tied": arch.tied,
-        "command": command,
-        "tensors": records,
-    }
+        steps_source=source,
+        base_step=opts.base_step,
+        s_ref=steps[-1],
+        fit=opts.fit,
+        rank_rule=opts.rank,
+        svd=opts.svd,
+        seed=opts.seed,
+        niter=opts.niter,
+        oversample=opts.oversample,
+        max_memory=opts.max_memory,
+        device=device.type,
+        factor_dtype=factor_dtype if opts.svd == "randomized" else None,
+        storage_dtype=max(set(dtypes), key=dtypes.count) if dtypes else None,
+        adapter_dtype="float32",
+        include=opts.include,
+        exclude=opts.exclude,
+        architecture_source=arch.source,
+        fan_in_fan_out=arch.fan_in_fan_out,
+        tied=arch.tied,
+        command=command,
+        tensors=records,
+        summary=summarize_records(records, base, cks),
+    )
 
 
-def _hub_entry(ck: Checkpoint) -> dict[str, Any]:
-    """``{"hub": {repo_id, revision, commit}}`` for an input fetched from the Hub, else nothing."""
-    return {"hub": ck.hub} if ck.hub else {}
+def _hub(ck: Checkpoint) -> HubEntry | None:
+    """The ``{repo_id, revision, commit}`` dict :mod:`driftmerge.hub.refs` recorded for a Hub input (validated as the
+    record is built), else None: no ``hub`` key is written."""
+    return cast("HubEntry | None", ck.hub)
 
 
-def summarize_records(records: dict[str, dict[str, Any]], base: Checkpoint, cks: list[Checkpoint]) -> dict[str, Any]:
-    lora = [r for r in records.values() if r["stored"] == "lora"]
-    extras = [r for r in records.values() if r["stored"] == "extras"]
-    lora_sq = sum(r["drift_norm"] ** 2 for r in lora)
-    extras_sq = sum(r["drift_norm"] ** 2 for r in extras)
-    kept_sq = sum(r["energy"] * r["drift_norm"] ** 2 for r in lora)
-    r2s = [r["r2"] for r in records.values() if r["r2"] is not None]
-    ranks = [r["rank"] for r in lora]
-    return {
-        "tensors": len(records),
-        "lora_tensors": len(lora),
-        "extras_tensors": len(extras),
-        "zero_tensors": [n for n, r in records.items() if r["stored"] == "zero"],
-        "rank_min": min(ranks, default=0),
-        "rank_max": max(ranks, default=0),
-        "energy_kept": kept_sq / lora_sq if lora_sq > 0 else 1.0,
-        "extras_share": extras_sq / (lora_sq + extras_sq) if lora_sq + extras_sq > 0 else 0.0,
-        "median_r2": statistics.median(r2s) if r2s else None,
-        "checkpoint_bytes": cks[-1].weight_bytes,
-        "base_bytes": base.weight_bytes,
-    }
+def summarize_records(records: dict[str, TensorRecord], base: Checkpoint, cks: list[Checkpoint]) -> Summary:
+    """Totals over ``records``; ``energy_kept`` and ``extras_share`` as defined on :class:`Summary`."""
+    lora = [r for r in records.values() if r.stored == "lora"]
+    extras = [r for r in records.values() if r.stored == "extras"]
+    lora_sq = sum(r.drift_norm**2 for r in lora)
+    extras_sq = sum(r.drift_norm**2 for r in extras)
+    kept_sq = sum((r.energy or 0.0) * r.drift_norm**2 for r in lora)
+    r2s = [r.r2 for r in records.values() if r.r2 is not None]
+    ranks = [r.rank for r in lora if r.rank is not None]
+    return Summary(
+        tensors=len(records),
+        lora_tensors=len(lora),
+        extras_tensors=len(extras),
+        zero_tensors=[n for n, r in records.items() if r.stored == "zero"],
+        rank_min=min(ranks, default=0),
+        rank_max=max(ranks, default=0),
+        energy_kept=kept_sq / lora_sq if lora_sq > 0 else 1.0,
+        extras_share=extras_sq / (lora_sq + extras_sq) if lora_sq + extras_sq > 0 else 0.0,
+        median_r2=statistics.median(r2s) if r2s else None,
+        checkpoint_bytes=cks[-1].weight_bytes,
+        base_bytes=base.weight_bytes,
+    )

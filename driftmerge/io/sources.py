@@ -25,34 +25,34 @@ def open_adapter(ref: str | Path) -> tuple[Path, Adapter]:
 def open_base(adapter: Adapter, base: str | Path | None = None) -> Checkpoint:
     """``base`` (a folder or Hub ref), else the base the adapter records (refetched at its commit when gone),
     checked against the adapter."""
-    base_ck = open_ref(base) if base is not None else open_ref("", resolve_recorded(adapter.meta["base"]))
+    base_ck = open_ref(base) if base is not None else open_ref("", resolve_recorded(adapter.meta.base.model_dump()))
     check_matches_base(adapter, base_ck)
     return base_ck
 
 
 def check_matches_base(adapter: Adapter, base: Checkpoint) -> None:
     """The base must have the recorded architecture; other weights of that architecture only get a warning."""
-    recorded = adapter.meta.get("base", {})
-    if recorded.get("signature") and recorded["signature"] != base.signature():
+    recorded = adapter.meta.base
+    if recorded.signature and recorded.signature != base.signature():
         raise InputError(
             f"{base.path}: its tensors (names, shapes or dtypes) differ from those of the base this adapter was made"
-            f" from ({recorded.get('ref')}); this adapter was made from another base"
+            f" from ({recorded.ref}); this adapter was made from another base"
         )
-    if recorded.get("probe") and recorded["probe"] != base.probe():
+    if recorded.probe and recorded.probe != base.probe():
         logger.warning(
             "%s has the architecture of the adapter's base %s but other weights; applying the drift anyway",
             base.path,
-            recorded.get("ref"),
+            recorded.ref,
         )
-    for name, rec in adapter.meta.get("tensors", {}).items():
-        if rec.get("stored") not in ("lora", "extras"):
+    for name, rec in adapter.meta.tensors.items():
+        if rec.stored not in ("lora", "extras"):
             continue
         info = base.infos.get(name)
         if info is None:
             raise InputError(f"{base.path}: has no tensor {name}; this adapter was made from another base")
-        if list(info.shape) != list(rec["shape"]):
+        if list(info.shape) != rec.shape:
             raise InputError(
-                f"{base.path}: tensor {name} has shape {list(info.shape)}, the adapter expects {rec['shape']};"
+                f"{base.path}: tensor {name} has shape {list(info.shape)}, the adapter expects {rec.shape};"
                 " this adapter was made from another base"
             )
 
@@ -64,7 +64,7 @@ def delta_sources(adapter: Adapter) -> dict[str, Callable[[], torch.Tensor]]:
         out[name] = mod.delta
     for name, d in adapter.extras.items():
         out[name] = lambda d=d: d
-    for tied, target in (adapter.meta.get("tied") or {}).items():
+    for tied, target in adapter.meta.tied.items():
         if target in out:
             out[tied] = out[target]  # tied weights move together
     return out
