@@ -30,7 +30,7 @@ from driftmerge_cli.common import SizeType, StepsType, progress_bar
 @click.option("--logprob-min-move", type=float, default=0.2, show_default=True, help="Keep tokens that moved more.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i] for the statistics and scoring.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the element sample.")
-@click.option("--max-memory", type=SizeType("--max-memory"), default="1GiB", show_default=True, help="Read-ahead.")
+@click.option("--max-memory", type=SizeType(), default="1GiB", show_default=True, help="Read-ahead.")
 @click.option("--overwrite", is_flag=True, help="Replace the report folder if it exists.")
 def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: object) -> None:
     """How linear was the run BASE → CHECKPOINT..., and how much of each drift does rank 1 hold.

@@ -2,54 +2,51 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from driftmerge_cli.common import command_line, human_bytes, progress_bar
+from driftmerge_cli.options import LazyCommand, flag_options, later, options_from
 from driftmerge_cli.push import check_push_target, push_after, push_option
 
 if TYPE_CHECKING:
     from driftmerge.commands.apply import ApplyResult
 
 
-@click.command("apply")
-@click.argument("adapter", default="driftmerge-adapter", type=click.Path(path_type=str))  # or a Hub repo id
-@click.option("--base", help="Base model folder [default: the one recorded in the adapter's driftmerge.json]")
-@click.option("--scale", type=float, help="W = W0 + scale · drift (1 = the last checkpoint, >1 extrapolates).")
-@click.option("--step", type=float, help="Target training step; mapped to a scale through the recorded steps.")
-@click.option("-o", "--output", "out", help="Output folder [default: driftmerge-model, or driftmerge-adapter-scaled]")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["model", "adapter"]),
-    default="model",
-    show_default=True,
-    help="model: a full Hugging Face model; adapter: a PEFT adapter with the scale baked into lora_alpha.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-    default="auto",
-    show_default=True,
-    help="Storage dtype of the model (auto = the base's).",
-)
-@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest safetensors shard.")
+def _params() -> list[click.Parameter]:
+    """ADAPTER, the apply options (driftmerge.commands.options) and -o among them, in --help order."""
+    from driftmerge.commands.flags import split_at_output
+    from driftmerge.commands.options import ADAPTER_DIR, APPLY_OUTPUTS, ApplyOptions
+
+    before, after = split_at_output(ApplyOptions)
+    adapter = click.Argument(["adapter"], default=ADAPTER_DIR, type=click.Path(path_type=str))  # or a Hub repo id
+    output = click.Option(["-o", "--output"], help=f"Output folder [default: {', or '.join(APPLY_OUTPUTS.values())}]")
+    return [adapter, *flag_options(ApplyOptions, before), output, *flag_options(ApplyOptions, after)]
+
+
+@click.command("apply", cls=LazyCommand)
+@later(_params)
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @push_option
-def apply_cmd(adapter: str, base: str | None, scale: float | None, step: float | None, out: str | None, fmt: str,
-              dtype: str, max_shard_size: str, overwrite: bool, push_to_hub: str | None,
-              hub_private: bool) -> None:  # fmt: skip
+def apply_cmd(
+    adapter: str, output: str | None, overwrite: bool, push_to_hub: str | None, hub_private: bool, **flags: Any
+) -> None:
     """Produce the model at --scale S (or --step T) along the drift stored in ADAPTER."""
     from driftmerge.commands.apply import apply_drift
+    from driftmerge.commands.options import ApplyOptions
 
-    if (scale is None) == (step is None):
-        raise click.UsageError("give exactly one of --scale or --step")
-    out = out or ("driftmerge-model" if fmt == "model" else "driftmerge-adapter-scaled")
+    options = options_from(ApplyOptions, flags)
     check_push_target(push_to_hub)
     with progress_bar("apply") as progress:
-        r = apply_drift(adapter, out, scale, step, base, fmt, dtype, max_shard_size, overwrite, progress,
-                        command_line())  # fmt: skip
-    print_apply(r, "model" if fmt == "model" else "scaled PEFT adapter")
+        r = apply_drift(
+            adapter,
+            output or options.default_output,
+            options=options,
+            overwrite=overwrite,
+            progress=progress,
+            command=command_line(),
+        )
+    print_apply(r, options.writes)
     push_after(r.out_dir, push_to_hub, hub_private)
 
 

@@ -8,58 +8,47 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import click
+from driftmerge_cli.options import ParsedText
 from tqdm import tqdm
 
 
-class RankType(click.ParamType):
-    """``1`` or ``8`` (a fixed rank) or ``0.9`` (the share of drift energy to keep)."""
+class RankType(ParsedText):
+    """``1`` or ``8`` (a fixed rank) or ``0.9`` (the share of drift energy to keep), read as ``extract --rank``."""
 
-    name = "RANK"
-
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
-        if isinstance(value, (int, float)):
-            return value
-        text = str(value).strip()
-        try:
-            return int(text)
-        except ValueError:
-            pass
-        try:
-            return float(text)
-        except ValueError:
-            self.fail(f"{value!r} is neither an integer rank nor an energy share like 0.9", param, ctx)
+    def __init__(self) -> None:
+        super().__init__(_parse_rank, "RANK")
 
 
-class StepsType(click.ParamType):
-    """``100,200,300``."""
+class StepsType(ParsedText):
+    """``100,200,300``, read as ``extract --steps``."""
 
-    name = "S1,S2,..."
-
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
-        if isinstance(value, list):
-            return value
-        try:
-            return [int(x) for x in str(value).split(",") if x.strip()]
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integer steps", param, ctx)
+    def __init__(self) -> None:
+        super().__init__(_parse_steps, "S1,S2,...")
 
 
-class SizeType(click.ParamType):
-    """``2GiB``, ``500MB`` or a byte count."""
+class SizeType(ParsedText):
+    """``2GiB``, ``500MB`` or a byte count, read as ``extract --max-memory``."""
 
-    name = "SIZE"
+    def __init__(self) -> None:
+        super().__init__(_parse_size, "SIZE")
 
-    def __init__(self, flag: str):
-        self.flag = flag
 
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
-        from driftmerge.errors import InputError
-        from driftmerge.io.memory import parse_size
+def _parse_rank(text: str) -> int | float:
+    from driftmerge.commands.options import parse_rank  # pydantic loads when a value is read, not for --help
 
-        try:
-            return parse_size(value, self.flag)
-        except InputError as exc:
-            self.fail(str(exc).removeprefix(f"{self.flag}: "), param, ctx)
+    return parse_rank(text)
+
+
+def _parse_steps(text: str) -> list[int]:
+    from driftmerge.commands.options import parse_steps
+
+    return parse_steps(text)
+
+
+def _parse_size(text: str) -> int:
+    from driftmerge.commands.options import parse_size_text
+
+    return parse_size_text(text)
 
 
 def command_line() -> str:

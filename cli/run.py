@@ -8,7 +8,7 @@ import click
 from driftmerge_cli.common import command_line, progress_bar
 
 if TYPE_CHECKING:  # the library (torch, pydantic) loads when the command runs, so --help stays instant
-    from driftmerge.commands.recipes import StageResult
+    from driftmerge.commands.recipes import Stage, StageResult
 
 
 @click.command("run")
@@ -19,22 +19,26 @@ def run_cmd(recipe: str, dry_run: bool) -> None:
 
     Relative paths in the recipe are taken from the current folder, as on the command line.
     """
-    from driftmerge.commands.recipes import load_recipe, preflight, stages
+    from driftmerge.commands.recipes import load_recipe, plan, run_recipe
 
     job = load_recipe(recipe)
-    todo = stages(job)
-    click.echo(f"{recipe}: {len(todo)} stage(s), equivalent to:")
-    for stage in todo:
-        click.echo(f"  {stage.command}")
+    lines = plan(job)
+    click.echo(f"{recipe}: {len(lines)} stage(s), equivalent to:")
+    for line in lines:
+        click.echo(f"  {line}")
     if dry_run:
         click.echo("dry run: the recipe is valid; nothing was run or written")
         return
-    preflight(job)
-    for i, stage in enumerate(todo, 1):
-        click.echo(f"\n[{i}/{len(todo)}] {stage.name}")
-        with progress_bar(stage.name) as progress:
-            done = stage.run(progress, command_line())
-        print_stage(done)
+    run_recipe(job, each=_run_stage)
+
+
+def _run_stage(i: int, n: int, stage: Stage) -> StageResult:
+    """One stage as the CLI runs it: a header, a progress bar, then what the stage wrote."""
+    click.echo(f"\n[{i}/{n}] {stage.name}")
+    with progress_bar(stage.name) as progress:
+        done = stage.run(progress, command_line())
+    print_stage(done)
+    return done
 
 
 def print_stage(done: StageResult) -> None:

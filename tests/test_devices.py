@@ -27,13 +27,18 @@ def test_auto_device_and_missing_cuda():
 @pytest.mark.parametrize("factor_dtype", ["float32", "bfloat16"])
 def test_cuda_matches_cpu(runs, tmp_path, factor_dtype):
     run = runs["llama"]
-    cpu = extract(run.base, run.checkpoints, tmp_path / "cpu", ExtractOptions(device="cpu"))
-    gpu = extract(run.base, run.checkpoints, tmp_path / "gpu", ExtractOptions(device="cuda", factor_dtype=factor_dtype))
+    cpu = extract(run.base, run.checkpoints, out_dir=tmp_path / "cpu", options=ExtractOptions(device="cpu"))
+    gpu = extract(
+        run.base,
+        run.checkpoints,
+        out_dir=tmp_path / "gpu",
+        options=ExtractOptions(device="cuda", factor_dtype=factor_dtype),
+    )
     a, b = read_adapter(tmp_path / "cpu"), read_adapter(tmp_path / "gpu")
     for path, mod in a.modules.items():
         d_cpu, d_gpu = mod.delta(), b.modules[path].delta()
         cos = torch.dot(d_cpu.flatten(), d_gpu.flatten()) / (d_cpu.norm() * d_gpu.norm())
         assert cos > 0.999, path
-    for name, rec in cpu.meta["tensors"].items():
-        if rec["stored"] == "lora":
-            assert abs(rec["energy"] - gpu.meta["tensors"][name]["energy"]) < 1e-3
+    for name, rec in cpu.meta.tensors.items():
+        if rec.stored == "lora":
+            assert abs(rec.energy - gpu.meta.tensors[name].energy) < 1e-3

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from driftmerge.commands.apply import apply_drift
 from driftmerge.commands.extract import ExtractOptions, extract
+from driftmerge.commands.options import ApplyOptions
 from driftmerge.errors import InputError
 from driftmerge.io.adapter import read_adapter
 from driftmerge.io.checkpoints import Checkpoint, resolve_steps, step_from_path
@@ -23,7 +24,7 @@ from driftmerge.io.checkpoints import Checkpoint, resolve_steps, step_from_path
 
 def test_planted_rank1_direction_is_recovered(tmp_path):
     run = make_run(tmp_path / "run", arch="llama", noise=0.05, steps=(10, 20, 30, 40), hidden=48)
-    res = extract(run.base, run.checkpoints, tmp_path / "a", ExtractOptions(rank=1))
+    res = extract(run.base, run.checkpoints, out_dir=tmp_path / "a", options=ExtractOptions(rank=1))
     adapter = read_adapter(tmp_path / "a")
     checked = 0
     for name, mod in adapter.by_tensor.items():
@@ -31,7 +32,7 @@ def test_planted_rank1_direction_is_recovered(tmp_path):
         got = mod.delta().flatten()
         cos = torch.dot(planted, got) / (planted.norm() * got.norm())
         assert cos >= 0.99, (name, float(cos))
-        assert res.meta["tensors"][name]["r2"] > 0.98
+        assert res.meta.tensors[name].r2 > 0.98
         checked += 1
     assert checked == len(adapter.modules) >= 10
     for name, d in adapter.extras.items():  # full-rank extras carry the planted vector drift
@@ -43,8 +44,8 @@ def test_planted_rank1_direction_is_recovered(tmp_path):
 def test_full_rank_single_checkpoint_reproduces_it(runs, tmp_path, arch):
     run = runs[arch]
     full = max(min(i.shape) for i in Checkpoint(run.base).infos.values() if len(i.shape) == 2)  # the largest rank
-    extract(run.base, run.checkpoints[-1:], tmp_path / "a", ExtractOptions(rank=full, svd="exact"))
-    out = apply_drift(tmp_path / "a", tmp_path / "m", scale=1.0).out_dir
+    extract(run.base, run.checkpoints[-1:], out_dir=tmp_path / "a", options=ExtractOptions(rank=full, svd="exact"))
+    out = apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=1.0)).out_dir
     mine, want = load_weights(out), load_weights(run.checkpoints[-1])
     assert set(mine) == set(want)
     for name, w in want.items():  # biases and norms included
@@ -53,13 +54,13 @@ def test_full_rank_single_checkpoint_reproduces_it(runs, tmp_path, arch):
 
 def test_scale_moves_every_tensor_linearly_and_step_matches_scale(runs, tmp_path):
     run = runs["qwen2"]
-    res = extract(run.base, run.checkpoints, tmp_path / "a", ExtractOptions(rank=2))
-    assert res.meta["s_ref"] == 300 and res.meta["base_step"] == 0
+    res = extract(run.base, run.checkpoints, out_dir=tmp_path / "a", options=ExtractOptions(rank=2))
+    assert res.meta.s_ref == 300 and res.meta.base_step == 0
     w0 = load_weights(run.base)
-    one = load_weights(apply_drift(tmp_path / "a", tmp_path / "m1", scale=1.0).out_dir)
-    ext = load_weights(apply_drift(tmp_path / "a", tmp_path / "m15", scale=1.5).out_dir)
-    by_step = load_weights(apply_drift(tmp_path / "a", tmp_path / "s450", step=450).out_dir)
-    kinds = {r["stored"] for r in res.meta["tensors"].values()}
+    one = load_weights(apply_drift(tmp_path / "a", tmp_path / "m1", options=ApplyOptions(scale=1.0)).out_dir)
+    ext = load_weights(apply_drift(tmp_path / "a", tmp_path / "m15", options=ApplyOptions(scale=1.5)).out_dir)
+    by_step = load_weights(apply_drift(tmp_path / "a", tmp_path / "s450", options=ApplyOptions(step=450)).out_dir)
+    kinds = {r.stored for r in res.meta.tensors.values()}
     assert kinds == {"lora", "extras"}
     for name in w0:
         torch.testing.assert_close(ext[name] - w0[name], 1.5 * (one[name] - w0[name]), rtol=1e-4, atol=1e-6)
@@ -70,8 +71,8 @@ def test_scale_moves_every_tensor_linearly_and_step_matches_scale(runs, tmp_path
 
 def test_applied_model_loads_runs_and_shards(runs, tmp_path):
     run = runs["llama"]
-    extract(run.base, run.checkpoints, tmp_path / "a")
-    out = apply_drift(tmp_path / "a", tmp_path / "m", scale=1.25, max_shard_size="40KB")
+    extract(run.base, run.checkpoints, out_dir=tmp_path / "a")
+    out = apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=1.25, max_shard_size="40KB"))
     assert out.shards > 1
     index = json.loads((out.out_dir / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {
@@ -92,12 +93,12 @@ def test_applied_model_loads_runs_and_shards(runs, tmp_path):
 
 def test_dtype_follows_the_base_unless_asked(tmp_path):
     run = make_run(tmp_path / "run", arch="llama", dtype=torch.bfloat16, steps=(5, 9))
-    extract(run.base, run.checkpoints, tmp_path / "a")
+    extract(run.base, run.checkpoints, out_dir=tmp_path / "a")
     meta = json.loads((tmp_path / "a" / "driftmerge.json").read_text())
     assert meta["storage_dtype"] == "bfloat16"
-    same = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", scale=1.5).out_dir)
+    same = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=1.5)).out_dir)
     assert {t.dtype for t in same.values()} == {torch.bfloat16}
-    f32 = apply_drift(tmp_path / "a", tmp_path / "m32", scale=1.5, dtype="float32").out_dir
+    f32 = apply_drift(tmp_path / "a", tmp_path / "m32", options=ApplyOptions(scale=1.5, dtype="float32")).out_dir
     assert {t.dtype for t in load_weights(f32).values()} == {torch.float32}
     cfg = json.loads((f32 / "config.json").read_text())
     assert "float32" in {cfg.get("dtype"), cfg.get("torch_dtype")}
@@ -106,7 +107,7 @@ def test_dtype_follows_the_base_unless_asked(tmp_path):
 
 def test_adapter_folder_contents(runs, tmp_path):
     run = runs["gpt2"]
-    res = extract(run.base, run.checkpoints, tmp_path / "a", ExtractOptions(rank=1, fit="pca", seed=3))
+    res = extract(run.base, run.checkpoints, out_dir=tmp_path / "a", options=ExtractOptions(rank=1, fit="pca", seed=3))
     names = {p.name for p in (tmp_path / "a").iterdir()}
     assert names == {
         "adapter_config.json",
@@ -126,13 +127,13 @@ def test_adapter_folder_contents(runs, tmp_path):
     card = (tmp_path / "a" / "README.md").read_text()
     assert card.startswith("---") and "library_name: peft" in card and "driftmerge" in card
     assert "drift_extras.safetensors" in card
-    assert res.summary["adapter_bytes"] < res.summary["checkpoint_bytes"]
+    assert res.summary.adapter_bytes < res.summary.checkpoint_bytes
 
 
 def test_same_inputs_and_seed_give_identical_bytes(runs, tmp_path):
     run = runs["llama"]
     for name in ("a", "c"):
-        extract(run.base, run.checkpoints, tmp_path / name, ExtractOptions(rank=2))
+        extract(run.base, run.checkpoints, out_dir=tmp_path / name, options=ExtractOptions(rank=2))
     for f in ("adapter_model.safetensors", "drift_extras.safetensors", "driftmerge.json", "adapter_config.json"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes(), f
 
@@ -141,24 +142,31 @@ def test_memory_budget_and_grouping_do_not_change_a_byte(runs, tmp_path, monkeyp
     run = runs["llama"]
     caplog.set_level(logging.INFO, logger="driftmerge")
     # a big budget: one batch per shape; a 1-byte one: no read-ahead, and every matrix factorized on its own
-    monkeypatch.setattr("driftmerge.commands.extract.MIN_MEMORY", 1)
+    monkeypatch.setattr("driftmerge.commands.options.MIN_MEMORY", 1)
     for name, budget in (("a", 8 << 30), ("b", 1)):
         caplog.clear()
-        res = extract(run.base, run.checkpoints, tmp_path / name, ExtractOptions(rank=2, max_memory=budget))
-        assert res.meta["max_memory"] == budget
+        res = extract(
+            run.base, run.checkpoints, out_dir=tmp_path / name, options=ExtractOptions(rank=2, max_memory=budget)
+        )
+        assert res.meta.max_memory == budget
         batches = int(re.search(r"in (\d+) batches", caplog.text).group(1))
-        shapes = {tuple(r["shape"]) for r in res.meta["tensors"].values() if r["stored"] == "lora"}
-        assert batches == (len(shapes) if name == "a" else res.summary["lora_tensors"])
+        shapes = {tuple(r.shape) for r in res.meta.tensors.values() if r.stored == "lora"}
+        assert batches == (len(shapes) if name == "a" else res.summary.lora_tensors)
     for f in ("adapter_model.safetensors", "drift_extras.safetensors"):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
 
 
 def test_include_exclude(runs, tmp_path):
     run = runs["llama"]
-    res = extract(run.base, run.checkpoints, tmp_path / "a", ExtractOptions(include=r"\.mlp\.", exclude="down_proj"))
-    assert res.meta["tensors"]
-    assert all(".mlp." in n and "down_proj" not in n for n in res.meta["tensors"])
-    out = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", scale=1.0).out_dir)
+    res = extract(
+        run.base,
+        run.checkpoints,
+        out_dir=tmp_path / "a",
+        options=ExtractOptions(include=r"\.mlp\.", exclude="down_proj"),
+    )
+    assert res.meta.tensors
+    assert all(".mlp." in n and "down_proj" not in n for n in res.meta.tensors)
+    out = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=1.0)).out_dir)
     base = load_weights(run.base)
     assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
     assert not torch.equal(out["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"])
@@ -166,7 +174,7 @@ def test_include_exclude(runs, tmp_path):
 
 def test_sharded_and_legacy_bin_inputs_give_the_same_adapter(runs, tmp_path):
     run = runs["llama"]
-    ref = extract(run.base, run.checkpoints, tmp_path / "ref", ExtractOptions(rank=1))
+    ref = extract(run.base, run.checkpoints, out_dir=tmp_path / "ref", options=ExtractOptions(rank=1))
     sharded, legacy = [], []
     for src in [run.base, *run.checkpoints]:
         w = load_weights(src)
@@ -181,11 +189,11 @@ def test_sharded_and_legacy_bin_inputs_give_the_same_adapter(runs, tmp_path):
         (b / "config.json").write_bytes((src / "config.json").read_bytes())
         legacy.append(b)
     for folders, out in ((sharded, "s"), (legacy, "l")):
-        res = extract(folders[0], folders[1:], tmp_path / out, ExtractOptions(rank=1))
-        assert [c["step"] for c in res.meta["checkpoints"]] == [100, 200, 300]
-        for name, rec in ref.meta["tensors"].items():
-            assert res.meta["tensors"][name]["drift_norm"] == pytest.approx(rec["drift_norm"], rel=1e-6)
-            assert res.meta["tensors"][name]["energy"] == pytest.approx(rec["energy"], abs=1e-6)
+        res = extract(folders[0], folders[1:], out_dir=tmp_path / out, options=ExtractOptions(rank=1))
+        assert [c.step for c in res.meta.checkpoints] == [100, 200, 300]
+        for name, rec in ref.meta.tensors.items():
+            assert res.meta.tensors[name].drift_norm == pytest.approx(rec.drift_norm, rel=1e-6)
+            assert res.meta.tensors[name].energy == pytest.approx(rec.energy, abs=1e-6)
 
 
 def test_steps_from_names_and_sorting():
@@ -206,9 +214,11 @@ def test_steps_from_names_and_sorting():
 
 def test_explicit_steps_and_base_step_set_the_scale(runs, tmp_path):
     run = runs["llama"]
-    res = extract(run.base, run.checkpoints, tmp_path / "a", ExtractOptions(steps=[110, 120, 130], base_step=100))
-    assert res.meta["s_ref"] == 130
-    a = apply_drift(tmp_path / "a", tmp_path / "m", step=145)
+    res = extract(
+        run.base, run.checkpoints, out_dir=tmp_path / "a", options=ExtractOptions(steps=[110, 120, 130], base_step=100)
+    )
+    assert res.meta.s_ref == 130
+    a = apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(step=145))
     assert a.scale == pytest.approx(1.5)
 
 
@@ -230,19 +240,19 @@ def test_tied_lm_head_stored_in_the_files_moves_with_the_embedding(runs, tmp_pat
         w["lm_head.weight"] = w["transformer.wte.weight"].clone()
         save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
         folders.append(dst)
-    res = extract(folders[0], folders[1:], tmp_path / "a")
-    assert res.meta["tied"] == {"lm_head.weight": "transformer.wte.weight"}
-    assert "lm_head.weight" not in res.meta["tensors"]
-    out = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", scale=2.0).out_dir)
+    res = extract(folders[0], folders[1:], out_dir=tmp_path / "a")
+    assert res.meta.tied == {"lm_head.weight": "transformer.wte.weight"}
+    assert "lm_head.weight" not in res.meta.tensors
+    out = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=2.0)).out_dir)
     assert torch.equal(out["lm_head.weight"], out["transformer.wte.weight"])
     assert not torch.equal(out["lm_head.weight"], load_file(str(folders[0] / "model.safetensors"))["lm_head.weight"])
 
 
 def test_other_weights_of_the_same_architecture_only_warn(runs, tmp_path, caplog):
     run = runs["llama"]
-    extract(run.base, run.checkpoints, tmp_path / "a")
+    extract(run.base, run.checkpoints, out_dir=tmp_path / "a")
     with caplog.at_level("WARNING", logger="driftmerge"):
-        apply_drift(tmp_path / "a", tmp_path / "m", scale=1.0, base=run.checkpoints[0])
+        apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=1.0, base=run.checkpoints[0]))
     assert "other weights" in caplog.text
 
 
@@ -258,10 +268,10 @@ def test_tensor_without_drift_is_left_out_and_reported(runs, tmp_path):
         w[frozen] = base_w.clone()
         save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
         folders.append(dst)
-    res = extract(run.base, folders, tmp_path / "a")
-    assert res.meta["tensors"][frozen]["stored"] == "zero" and res.summary["zero_tensors"] == [frozen]
+    res = extract(run.base, folders, out_dir=tmp_path / "a")
+    assert res.meta.tensors[frozen].stored == "zero" and res.summary.zero_tensors == [frozen]
     adapter = read_adapter(tmp_path / "a")
     assert "model.layers.0.self_attn.k_proj" not in adapter.modules
     assert all(m.rank >= 1 for m in adapter.modules.values())
-    out = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", scale=1.5).out_dir)
+    out = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=1.5)).out_dir)
     assert torch.equal(out[frozen], base_w)

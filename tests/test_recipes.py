@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import shlex
 import sys
@@ -13,7 +12,9 @@ import pytest
 from helpers import assert_one_line_error
 
 from driftmerge.commands.demo import copy_run
-from driftmerge.commands.recipes import MIN_MEMORY, OPTION_KEYS, Recipe, load_recipe, plan, run_recipe
+from driftmerge.commands.options import MIN_MEMORY, ApplyOptions, ExtractOptions
+from driftmerge.commands.recipe_schema import ApplyStage, ExtractStage
+from driftmerge.commands.recipes import Recipe, load_recipe, plan, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
@@ -54,11 +55,17 @@ def test_every_key_of_a_recipe_has_a_comment(path):
 
 
 def test_recipe_keys_follow_the_library():
-    from driftmerge.commands.extract import MIN_MEMORY as LIBRARY_MIN_MEMORY
-    from driftmerge.commands.extract import ExtractOptions
+    assert set(ExtractOptions.model_fields) <= set(ExtractStage.model_fields)
+    assert set(ApplyOptions.model_fields) <= set(ApplyStage.model_fields)
 
-    assert set(OPTION_KEYS) <= {f.name for f in dataclasses.fields(ExtractOptions)}
-    assert MIN_MEMORY == LIBRARY_MIN_MEMORY
+
+def test_the_command_line_and_the_recipe_enforce_the_one_memory_floor(write, cli, tmp_path):
+    too_small = MIN_MEMORY - 1
+    code, _, err = cli("run", "--dry-run", write(f"extract: {{base: b, checkpoints: [c], max_memory: {too_small}}}\n"))
+    assert_one_line_error(code, err, 3, f"extract.max_memory: must be at least {MIN_MEMORY >> 20} MiB")
+    code, _, err = cli("extract", "b", "c", "-o", tmp_path / "o", "--max-memory", str(too_small))
+    assert_one_line_error(code, err, 3, f"--max-memory must be at least {MIN_MEMORY >> 20} MiB")
+    assert cli("run", "--dry-run", write(f"extract: {{base: b, checkpoints: [c], max_memory: {MIN_MEMORY}}}\n"))[0] == 0
 
 
 @pytest.mark.parametrize(
@@ -154,12 +161,12 @@ def test_extrapolate_recipe_equals_the_commands_it_plans(tmp_path, monkeypatch, 
 
 def test_run_dir_selection(runs, tmp_path, write):
     run_dir = Path(runs["llama"].base).parent  # base/ and checkpoint-100/-200/-300/
-    path = write(f"extract:\n  base: {runs['llama'].base}\n  run_dir: {{path: {run_dir}, every: 100, last: 2}}\n"
-                 f"  output: {tmp_path / 'a'}\n")  # fmt: skip
+    text = f"extract:\n  base: {runs['llama'].base}\n  run_dir: {{path: {run_dir}, every: 100, last: 2}}\n"
+    path = write(text + f"  output: {tmp_path / 'a'}\n")
     recipe = load_recipe(path)
     assert f"--run-dir {run_dir} --every 100 --last 2" in plan(recipe)[0]
     (done,) = run_recipe(recipe)
-    assert [c["step"] for c in done.result.meta["checkpoints"]] == [200, 300]
+    assert [c.step for c in done.result.meta.checkpoints] == [200, 300]
 
 
 def test_existing_output_stops_the_job_before_it_starts(tmp_path, monkeypatch, write, cli):
@@ -219,10 +226,8 @@ def test_a_push_without_token_stops_the_job_before_it_starts(tmp_path, monkeypat
 
 
 def test_stage_order_and_defaults_in_the_plan(write):
-    recipe = load_recipe(
-        write("extract: {base: b, checkpoints: [c], output: a}\n"
-              "apply: {step: 450, output: m, push_to_hub: org/m}\npush: {repo_id: org/p, dry_run: true}\n")
-    )  # fmt: skip
+    text = "extract: {base: b, checkpoints: [c], output: a}\napply: {step: 450, output: m, push_to_hub: org/m}\n"
+    recipe = load_recipe(write(text + "push: {repo_id: org/p, dry_run: true}\n"))
     assert plan(recipe) == [
         "driftmerge extract b c -o a",
         "driftmerge apply a --step 450 -o m --push-to-hub org/m",

@@ -10,6 +10,7 @@ from synthetic import make_run, tiny_config
 
 from driftmerge.commands.apply import apply_drift
 from driftmerge.commands.extract import ExtractOptions, extract
+from driftmerge.commands.options import ApplyOptions
 
 M, K, N = 8, 4, 4  # every 8 steps, 4 snapshots, jump 4 steps ahead: scale (8 + 4) / 8 = 1.5
 
@@ -74,8 +75,13 @@ def test_callback_moves_by_exactly_the_fitted_drift(tmp_path, rank):
     steps = [M // K * (k + 1) for k in range(K)]
     cks = [snaps / f"checkpoint-{s}" for s in steps]
     if rank is not None:
-        extract(snaps / "checkpoint-0", cks, tmp_path / "adapter", ExtractOptions(rank=rank, factor_dtype="float32"))
-        apply_drift(tmp_path / "adapter", tmp_path / "model", scale=1.5)
+        extract(
+            snaps / "checkpoint-0",
+            cks,
+            out_dir=tmp_path / "adapter",
+            options=ExtractOptions(rank=rank, factor_dtype="float32"),
+        )
+        apply_drift(tmp_path / "adapter", tmp_path / "model", options=ApplyOptions(scale=1.5))
         want = load_weights(tmp_path / "model")
         assert all(torch.equal(live[n], want[n]) for n in live), [n for n in live if not torch.equal(live[n], want[n])]
     else:  # full rank: the least-squares line through the start, W = W0 + 1.5 · t_ref Σ t_i D_i / Σ t_i²
@@ -91,6 +97,7 @@ def test_callback_moves_by_exactly_the_fitted_drift(tmp_path, rank):
     )
 
 
+@pytest.mark.slow
 def test_callback_fires_every_m_steps_logs_and_training_resumes(tmp_path):
     from driftmerge.integrations.trl import DriftExtrapolationCallback
 
@@ -128,8 +135,8 @@ def test_reground_cli_writes_the_next_starting_points(tmp_path, cli):
                             "--jump", "20", "--once")  # fmt: skip
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["drift_0-20", "reground.json", "step_40"]
-    extract(run.base, run.checkpoints[:2], tmp_path / "a", ExtractOptions())
-    apply_drift(tmp_path / "a", tmp_path / "m", scale=2.0)
+    extract(run.base, run.checkpoints[:2], out_dir=tmp_path / "a", options=ExtractOptions())
+    apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=2.0))
     got, want = load_weights(out / "step_40"), load_weights(tmp_path / "m")
     assert all(torch.equal(got[n], want[n]) for n in want)
     assert (out / "step_40" / "config.json").is_file() and "step_40" in stdout
@@ -141,9 +148,13 @@ def test_reground_cli_writes_the_next_starting_points(tmp_path, cli):
                             "--jump", "20", "--once")  # fmt: skip
     assert code == 0, err
     assert sorted(p.name for p in out.glob("step_*")) == ["step_40", "step_80"]
-    extract(out / "step_40", [tmp_path / "run" / "checkpoint-50", tmp_path / "run" / "checkpoint-60"],
-            tmp_path / "b", ExtractOptions(steps=[10, 20]))  # fmt: skip
-    apply_drift(tmp_path / "b", tmp_path / "m2", scale=2.0)
+    extract(
+        out / "step_40",
+        [tmp_path / "run" / "checkpoint-50", tmp_path / "run" / "checkpoint-60"],
+        out_dir=tmp_path / "b",
+        options=ExtractOptions(steps=[10, 20]),
+    )
+    apply_drift(tmp_path / "b", tmp_path / "m2", options=ApplyOptions(scale=2.0))
     got, want = load_weights(out / "step_80"), load_weights(tmp_path / "m2")
     assert all(torch.equal(got[n], want[n]) for n in want)
 

@@ -1,4 +1,4 @@
-"""The reliability contract (DESIGN §7): a corpus of bad inputs, killed writes, a full disk, untouched inputs and
+"""The reliability contract (docs/design.md §6): a corpus of bad inputs, killed writes, a full disk, untouched inputs and
 byte-for-byte determinism."""
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def _adapter(run: SyntheticRun, tmp: Path) -> Path:
     """A good adapter, made once per test that needs one."""
     from driftmerge.commands.extract import ExtractOptions, extract
 
-    return extract(run.base, run.checkpoints, tmp / "adapter", ExtractOptions()).out_dir
+    return extract(run.base, run.checkpoints, out_dir=tmp / "adapter", options=ExtractOptions()).out_dir
 
 
 def _adapter_meta_not_json(run, tmp, out):
@@ -350,6 +350,7 @@ def _kill_mid_write(module: str, args: list, tmp_path: Path) -> None:
     proc.wait()  # reaped: its pid no longer runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "command, module",
     [("extract", "driftmerge.io.adapter"), ("apply", "driftmerge.io.model_writer")],

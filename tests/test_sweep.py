@@ -12,6 +12,7 @@ from synthetic import make_run
 
 from driftmerge.commands.apply import apply_drift
 from driftmerge.commands.extract import ExtractOptions, extract
+from driftmerge.commands.options import ApplyOptions
 from driftmerge.evaluation.addition import char_tokenizer
 from driftmerge.evaluation.generation import LogitExtrapolation, SamplingOptions, generate
 from driftmerge.evaluation.inplace import DriftedModel
@@ -30,7 +31,7 @@ def drift(tmp_path_factory):
     for folder in (run.base, *run.checkpoints):
         char_tokenizer(folder)
     adapter = root / "adapter"
-    extract(run.base, run.checkpoints, adapter, ExtractOptions(rank=2))
+    extract(run.base, run.checkpoints, out_dir=adapter, options=ExtractOptions(rank=2))
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "answer": str(eval(p[:-1]))}) + "\n" for p in PROMPTS))
     return run, adapter, prompts
@@ -75,12 +76,12 @@ def test_in_place_scales_give_exactly_the_weights_apply_writes(arch, runs, drift
         adapter = drift[1]
     else:  # tied embeddings and Conv1D
         adapter = tmp_path / "adapter"
-        extract(runs["gpt2"].base, runs["gpt2"].checkpoints, adapter, ExtractOptions(rank=1))
+        extract(runs["gpt2"].base, runs["gpt2"].checkpoints, out_dir=adapter, options=ExtractOptions(rank=1))
     drifted = DriftedModel(adapter)
     params = dict(drifted.model.named_parameters(remove_duplicate=False))
     for i, scale in enumerate((1.5, 0.0, -0.5, 2.0, 1.5)):  # any order, and back again
         drifted.set_scale(scale)
-        out = apply_drift(adapter, tmp_path / f"m{i}", scale=scale)
+        out = apply_drift(adapter, tmp_path / f"m{i}", options=ApplyOptions(scale=scale))
         written = load_weights(out.out_dir)
         compared = {name for name in written if name in params}
         assert set(drifted._deltas) <= compared  # every drifted tensor, tied ones included
@@ -172,13 +173,15 @@ def test_sweep_table_png_json_and_the_in_place_completions(drift, cli, tmp_path)
     # each scale's completions are those of the model `apply` writes at that scale
     tok = load_tokenizer(run.base)
     for scale in (0.0, 1.5):
-        model_dir = apply_drift(adapter, tmp_path / f"m{scale}", scale=scale).out_dir
+        model_dir = apply_drift(adapter, tmp_path / f"m{scale}", options=ApplyOptions(scale=scale)).out_dir
         want = generate(load_causal_lm(model_dir), tok, PROMPTS, GREEDY)
         assert [c["completion"] for c in comps if c["scale"] == scale] == [w[0] for w in want], scale
     assert len({tuple(c["completion"] for c in comps if c["scale"] == s) for s in (0.0, 2.0)}) == 2
     best_dir = tmp_path / "best"
     model_best = load_weights(best_dir)
-    model_ref = load_weights(apply_drift(adapter, tmp_path / "ref", scale=report["best"]["scale"]).out_dir)
+    model_ref = load_weights(
+        apply_drift(adapter, tmp_path / "ref", options=ApplyOptions(scale=report["best"]["scale"])).out_dir
+    )
     assert all(torch.equal(model_best[k], model_ref[k]) for k in model_ref)
 
 
@@ -205,6 +208,7 @@ def test_sweep_logits_mode_and_sampling(drift, cli, tmp_path):
     assert len(s1.splitlines()) == 3 * len(PROMPTS)
 
 
+@pytest.mark.slow
 def test_sweep_with_an_external_evaluator(drift, cli, tmp_path):
     _, adapter, _ = drift
     script = tmp_path / "ev.py"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from driftmerge.commands.distributed import distributed
+from driftmerge.commands.options import ApplyOptions
 from driftmerge.core.devices import DTYPES
 from driftmerge.core.drift import scale_for_step, step_for_scale
 from driftmerge.errors import InputError
@@ -21,7 +22,7 @@ from driftmerge.hub.cards import adapter_card
 from driftmerge.io.adapter import Adapter, peft_config, write_adapter
 from driftmerge.io.checkpoints import Checkpoint
 from driftmerge.io.memory import parse_size
-from driftmerge.io.model_writer import finish_model, out_bytes, plan_shards, write_shards
+from driftmerge.io.model_writer import finish_model, out_bytes, plan_shards, shard_bytes, write_shards
 from driftmerge.io.outputs import atomic_output_dir, check_output_dir
 from driftmerge.io.sources import delta_sources, open_adapter, open_base
 from driftmerge.progress import Progress
@@ -43,65 +44,67 @@ class ApplyResult:
 def apply_drift(
     adapter_dir: str | Path,
     out_dir: str | Path,
-    scale: float | None = None,
-    step: float | None = None,
-    base: str | Path | None = None,
-    fmt: str = "model",
-    dtype: str = "auto",
-    max_shard_size: str | int = "5GB",
+    *,
+    options: ApplyOptions,
     overwrite: bool = False,
     progress: Progress | None = None,
     command: str | None = None,
 ) -> ApplyResult:
-    """Write the model (or scaled adapter) at ``scale`` (or at step ``step``) along the drift."""
-    if (scale is None) == (step is None):
-        raise InputError("give exactly one of --scale or --step")
+    """Write the model (or the scaled adapter, ``options.format``) at ``options.scale`` (or at the training step
+    ``options.step``) along the drift in ``adapter_dir`` to ``out_dir``, replacing it when ``overwrite``.
+    ``command`` is recorded in the output; ``progress(done, total, name)`` follows tensors."""
+    scale, step, dtype = options.scale, options.step, options.dtype
     adapter_ref = str(adapter_dir)
     adapter_dir, adapter = open_adapter(adapter_dir)
     meta = adapter.meta
     if step is not None:
-        scale = scale_for_step(step, meta)
+        scale = scale_for_step(step, base_step=meta.base_step, s_ref=meta.s_ref)
     assert scale is not None
     if not math.isfinite(scale):
         raise InputError(f"the scale must be a finite number, got {scale}")
-    step = step_for_scale(scale, meta)
-    if fmt == "adapter":  # a small folder: rank 0 writes it
+    step = step_for_scale(scale, base_step=meta.base_step, s_ref=meta.s_ref)
+    if options.format == "adapter":  # a small folder: rank 0 writes it
         with distributed(cuda=False) as dist:
-            done = dist.run(lambda: _write_scaled_adapter(adapter, adapter_dir, Path(out_dir), scale, step, overwrite,
-                                                          command) if dist.is_main else None)  # fmt: skip
-            return dist.broadcast(done)
-    if fmt != "model":
-        raise InputError(f"--format must be model or adapter, got {fmt!r}")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise InputError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    shard_limit = parse_size(max_shard_size, "--max-shard-size")
+            done = dist.run(
+                lambda: (
+                    _write_scaled_adapter(adapter, adapter_dir, Path(out_dir), scale, step, overwrite, command)
+                    if dist.is_main
+                    else None
+                )
+            )
+            done = dist.broadcast(done)
+            assert done is not None  # rank 0's
+            return done
+    shard_limit = parse_size(options.max_shard_size, "--max-shard-size")
     with distributed(cuda=False) as dist, contextlib.ExitStack() as stack:
-        base_ck = dist.run(lambda: _open_checked(adapter, adapter_dir, base, Path(out_dir), overwrite))
+        base_ck = dist.run(lambda: _open_checked(adapter, adapter_dir, options.base, Path(out_dir), overwrite))
         out_dtype = DTYPES.get(dtype)
         names = list(base_ck.infos)  # file order, so shards read sequentially
         sizes = {n: out_bytes(base_ck.infos[n], out_dtype) for n in names}
-        shards = plan_shards(names, sizes, shard_limit)
+        plan = plan_shards(names, sizes, shard_limit)
         tmp = None
         if dist.is_main:
             tmp = stack.enter_context(atomic_output_dir(Path(out_dir), [base_ck.path, adapter_dir], overwrite))
         tmp = dist.broadcast(tmp)
-        ids = [str(i) for i in range(len(shards))]
-        mine = dist.share(ids, {i: sum(sizes[n] for n in shards[int(i)]) for i in ids})
+        assert tmp is not None  # rank 0's folder
+        files = shard_bytes(plan, sizes)
+        mine = dist.share(list(files), files)
         deltas = delta_sources(adapter)  # tensor name -> callable giving the float32 drift
-        dist.run(lambda: write_shards(base_ck, deltas, scale, out_dtype, shards, [int(i) for i in mine], tmp,
-                                       progress))  # fmt: skip
+        dist.run(lambda: write_shards(base_ck, deltas, scale, out_dtype, plan, mine, tmp, progress))
         if dist.is_main:
-            dist.run(lambda: finish_model(base_ck, shards, sizes, tmp, dtype, out_dtype, adapter_ref, meta, scale,
-                                           step, command))  # fmt: skip
+            dist.run(
+                lambda: finish_model(base_ck, plan, tmp, dtype, out_dtype, adapter_ref, meta, scale, step, command)
+            )
         else:
             dist.agree(None)
         changed = sum(1 for n in names if n in deltas)
         written = sum(sizes.values())
-    return ApplyResult(Path(out_dir), scale, step, changed, len(names), len(shards), written)
+    return ApplyResult(Path(out_dir), scale, step, changed, len(names), len(files), written)
 
 
-def _open_checked(adapter: Adapter, adapter_dir: Path, base: str | Path | None, out_dir: Path,
-                  overwrite: bool) -> Checkpoint:  # fmt: skip
+def _open_checked(
+    adapter: Adapter, adapter_dir: Path, base: str | Path | None, out_dir: Path, overwrite: bool
+) -> Checkpoint:
     base_ck = open_base(adapter, base)
     check_output_dir(out_dir, [base_ck.path, adapter_dir], overwrite)
     return base_ck
@@ -117,18 +120,18 @@ def _write_scaled_adapter(
     cmd: str | None,
 ) -> ApplyResult:
     """PEFT adapter with ``lora_alpha = scale · r`` per module and extras multiplied by ``scale``."""
-    meta = {**adapter.meta, "scale": scale, "scaled_from": str(adapter_dir.absolute()), "command": cmd}
+    meta = adapter.meta.model_copy(update={"scale": scale, "scaled_from": str(adapter_dir.absolute()), "command": cmd})
     if any(abs(m.scaling - 1.0) > 1e-12 for m in adapter.modules.values()):
         raise InputError(f"{adapter_dir}: already a scaled adapter; scale the original adapter instead")
     config = peft_config(
         adapter.modules,
         adapter.config.get("base_model_name_or_path", ""),
-        bool(adapter.meta["fan_in_fan_out"]),
+        adapter.meta.fan_in_fan_out,
         scale,
     )
     extras = {k: v * scale for k, v in adapter.extras.items()}
     with atomic_output_dir(out_dir, [adapter_dir], overwrite) as tmp:
-        write_adapter(tmp, adapter.modules, extras, meta, config, adapter_card(meta, meta["summary"]))
+        write_adapter(tmp, adapter.modules, extras, meta, config, adapter_card(meta, meta.summary))
         written = sum(f.stat().st_size for f in tmp.iterdir())
     n = len(adapter.modules) + len(extras)
     return ApplyResult(out_dir, scale, step, n, n, 1, written)

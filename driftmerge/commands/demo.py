@@ -17,6 +17,7 @@ from pathlib import Path
 
 from driftmerge.commands.apply import ApplyResult, apply_drift
 from driftmerge.commands.extract import ExtractOptions, ExtractResult, extract
+from driftmerge.commands.options import ApplyOptions
 
 DEMO_STEPS = (50, 100, 150, 200)
 DEMO_SCALE = 1.5
@@ -51,10 +52,17 @@ def run_demo(folder: str | Path, progress=None) -> DemoReport:  # type: ignore[n
     cks = [run / f"checkpoint-{s}" for s in DEMO_STEPS]
     adapter = folder / "driftmerge-adapter"
     cmd = "driftmerge extract run/base " + " ".join(f"run/checkpoint-{s}" for s in DEMO_STEPS)
-    extracted = extract(run / "base", cks, adapter, ExtractOptions(rank=1), progress=progress, command=cmd)
-    applied = apply_drift(adapter, folder / "driftmerge-model", scale=DEMO_SCALE, progress=progress,
-                          command=f"driftmerge apply driftmerge-adapter --scale {DEMO_SCALE}")  # fmt: skip
-    at_one = apply_drift(adapter, folder / "model-scale-1", scale=1.0, progress=progress)
+    extracted = extract(
+        run / "base", cks, out_dir=adapter, options=ExtractOptions(rank=1), progress=progress, command=cmd
+    )
+    applied = apply_drift(
+        adapter,
+        folder / "driftmerge-model",
+        options=ApplyOptions(scale=DEMO_SCALE),
+        progress=progress,
+        command=f"driftmerge apply driftmerge-adapter --scale {DEMO_SCALE}",
+    )
+    at_one = apply_drift(adapter, folder / "model-scale-1", options=ApplyOptions(scale=1.0), progress=progress)
     problems = held_out(cfg["eval_size"], cfg["digits"], cfg["seed"])
     tok = load_tokenizer(run / "base")
     models = {"base": run / "base", "last": cks[-1], "rank1": at_one.out_dir, "extrapolated": applied.out_dir}

@@ -22,88 +22,50 @@ from typing import Any
 import torch
 
 from driftmerge.commands.distributed import distributed
-from driftmerge.core.devices import DTYPES, FACTOR_DTYPES, resolve_device, resolve_factor_dtype
+from driftmerge.commands.options import ExtractOptions
+from driftmerge.core.devices import DTYPES, resolve_device, resolve_factor_dtype
 from driftmerge.core.factorizer import GroupFactorizer
-from driftmerge.core.lowrank import SVD_METHODS, Factor
-from driftmerge.core.trajectory import FITS, LineAccumulator, TensorFit
+from driftmerge.core.lowrank import Factor
+from driftmerge.core.trajectory import LineAccumulator, TensorFit
 from driftmerge.errors import InputError
 from driftmerge.hub.cards import adapter_card
 from driftmerge.io.adapter import LoraModule, peft_config, write_adapter
 from driftmerge.io.architecture import Architecture, describe
 from driftmerge.io.checkpoints import Checkpoint, open_run
-from driftmerge.io.metadata import build_meta, summarize_records
+from driftmerge.io.metadata import DriftMeta, Summary, TensorRecord, build_meta
 from driftmerge.io.outputs import atomic_output_dir, check_output_dir
 from driftmerge.io.stream import raise_not_finite, stream_deltas
 from driftmerge.progress import Progress
 
 logger = logging.getLogger("driftmerge")
 
-MIN_MEMORY = 64 << 20
-
-
-@dataclass
-class ExtractOptions:
-    fit: str = "lsq"  # lsq | pca | endpoint (DESIGN §3)
-    rank: int | float = 1  # int: fixed rank; float in (0, 1]: energy share to keep
-    svd: str = "randomized"  # randomized | exact
-    device: str = "auto"  # auto | cpu | cuda[:i] — where the factorization runs
-    factor_dtype: str = "auto"  # sketching matmuls: auto = bfloat16 where the device multiplies it natively
-    include: str | None = None  # regex: only tensors whose name matches (re.search)
-    exclude: str | None = None  # regex: leave out tensors whose name matches
-    seed: int = 0  # seeds the randomized factorization
-    steps: Sequence[int] | None = None  # checkpoint steps; default from folder names, else 1..N
-    base_step: int = 0  # step of the base
-    niter: int = 2  # power iterations of the randomized factorization
-    oversample: int = 8  # extra sketch columns of the randomized factorization
-    max_memory: int = 1 << 30  # bytes: read-ahead plus drift matrices awaiting factorization (DESIGN §5)
-
-    def validate(self) -> None:
-        if self.fit not in FITS:
-            raise InputError(f"--fit must be one of {', '.join(FITS)}, got {self.fit!r}")
-        if self.svd not in SVD_METHODS:
-            raise InputError(f"--svd must be one of {', '.join(SVD_METHODS)}, got {self.svd!r}")
-        if self.factor_dtype not in FACTOR_DTYPES:
-            raise InputError(f"--factor-dtype must be one of {', '.join(FACTOR_DTYPES)}, got {self.factor_dtype!r}")
-        if isinstance(self.rank, bool) or not isinstance(self.rank, (int, float)):
-            raise InputError(f"--rank must be a positive integer or a share in (0, 1], got {self.rank!r}")
-        if isinstance(self.rank, int) and self.rank < 1:
-            raise InputError(f"--rank must be at least 1, got {self.rank}")
-        if isinstance(self.rank, float) and not 0.0 < self.rank <= 1.0:
-            raise InputError(f"--rank as a share must lie in (0, 1], got {self.rank}")
-        if self.max_memory < MIN_MEMORY:
-            raise InputError(f"--max-memory must be at least {MIN_MEMORY >> 20} MiB, got {self.max_memory} bytes")
-        for flag, rx in (("--include", self.include), ("--exclude", self.exclude)):
-            if rx is not None:
-                try:
-                    re.compile(rx)
-                except re.error as exc:
-                    raise InputError(f"{flag}: not a valid regular expression ({exc})") from exc
-
 
 @dataclass
 class ExtractResult:
     out_dir: Path
-    meta: dict[str, Any]  # what driftmerge.json holds
-    summary: dict[str, Any] = field(default_factory=dict)
+    meta: DriftMeta  # what driftmerge.json holds
+    summary: Summary  # meta.summary, with adapter_bytes
     ranks: list[tuple[int, int, float]] = field(default_factory=list)  # under torchrun: tensors, bytes, seconds
 
 
 def extract(
     base: str | Path,
     checkpoints: Sequence[str | Path],
+    *,
     out_dir: str | Path,
     options: ExtractOptions | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
     command: str | None = None,
 ) -> ExtractResult:
-    """Fit the drift of ``checkpoints`` relative to ``base`` and write a PEFT adapter folder to ``out_dir``.
+    """Fit the drift of ``checkpoints`` relative to ``base`` and write a PEFT adapter folder to ``out_dir``
+    (replacing it when ``overwrite``), with ``options`` (checked when they were made; default ``ExtractOptions()``).
+    ``command`` is recorded in driftmerge.json and the model card; ``progress(done, total, name)`` follows tensors.
 
     Under ``torchrun`` the tensors are shared among the ranks by bytes (:mod:`driftmerge.commands.distributed`); rank 0
     gathers the factors and writes the adapter, byte-identical to a single-process run.
     """
     opts = options or ExtractOptions()
-    opts.validate()
     if not checkpoints:
         raise InputError("give at least one checkpoint after the base")
     device = resolve_device(opts.device)
@@ -114,12 +76,14 @@ def extract(
         mine = dist.share(job.names, {n: job.base.infos[n].numel for n in job.names})
         t0 = time.perf_counter()
         part = dist.run(lambda: _fit_share(job, mine, opts, device, progress))
-        part.timing = (len(mine), sum(job.base.infos[n].numel * job.base.infos[n].dtype.itemsize for n in mine),
-                       time.perf_counter() - t0)  # fmt: skip
+        read = sum(job.base.infos[n].numel * job.base.infos[n].dtype.itemsize for n in mine)
+        part.timing = (len(mine), read, time.perf_counter() - t0)
         parts = dist.gather(part)
-        result = dist.run(lambda: _write(job, _merge(parts, job.names), opts, device, overwrite, command)
-                          if dist.is_main else None)  # fmt: skip
+        result = dist.run(
+            lambda: _write(job, _merge(parts, job.names), opts, device, overwrite, command) if dist.is_main else None
+        )
         result = dist.broadcast(result)
+        assert result is not None  # rank 0's
         if dist.world > 1:
             result.ranks = [p.timing for p in parts]
         return result
@@ -143,31 +107,35 @@ class _Job:
 class _Part:
     """One rank's results (CPU tensors), merged by rank 0."""
 
-    records: dict[str, dict[str, Any]]
+    records: dict[str, TensorRecord]
     extras: dict[str, torch.Tensor]
     factors: dict[str, Factor]
     moved: list[bool]  # per checkpoint: does it move any of these tensors?
     timing: tuple[int, int, float] = (0, 0, 0.0)  # tensors, bytes per input, seconds
 
 
-def _prepare(base, checkpoints, out_dir, opts: ExtractOptions, overwrite: bool) -> _Job:  # type: ignore[no-untyped-def]
+def _prepare(
+    base: str | Path, checkpoints: Sequence[str | Path], out_dir: str | Path, opts: ExtractOptions, overwrite: bool
+) -> _Job:
     base_ck, cks, steps, source = open_run(base, checkpoints, opts.steps, opts.base_step)
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, [base_ck.path, *(c.path for c in cks)], overwrite)  # fail before the long pass
+    out = Path(out_dir)
+    check_output_dir(out, [base_ck.path, *(c.path for c in cks)], overwrite)  # fail before the long pass
     arch = describe(base_ck.config, {n: i.shape for n, i in base_ck.infos.items()})
     names = _select(base_ck, opts, arch)
     if not names:
         raise InputError("no floating-point tensors left to fit (check --include / --exclude)")
     _check_rank(opts.rank, [base_ck.infos[n].shape for n in names if n in arch.kinds])
     factor_dtype = resolve_factor_dtype(opts.factor_dtype, resolve_device(opts.device))
-    return _Job(base_ck, cks, steps, source, arch, names, out_dir, factor_dtype)
+    return _Job(base_ck, cks, steps, source, arch, names, out, factor_dtype)
 
 
-def _fit_share(job: _Job, names: list[str], opts: ExtractOptions, device: torch.device, progress) -> _Part:  # type: ignore[no-untyped-def]
+def _fit_share(
+    job: _Job, names: list[str], opts: ExtractOptions, device: torch.device, progress: Progress | None
+) -> _Part:
     """Stream ``names`` through the line fit and factorize the matrices: this rank's share of the work."""
     base_ck, arch = job.base, job.arch
     t = [s - opts.base_step for s in job.steps]
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[str, TensorRecord] = {}
     extras: dict[str, torch.Tensor] = {}
     read_ahead = min(opts.max_memory // 4, 1 << 30)
     factorizer = GroupFactorizer(opts, DTYPES[job.factor_dtype], opts.max_memory - read_ahead)
@@ -179,16 +147,15 @@ def _fit_share(job: _Job, names: list[str], opts: ExtractOptions, device: torch.
             moved[j] = moved[j] or sq > 0.0
         norm = float(torch.linalg.vector_norm(fit.drift))
         kind = arch.kinds.get(name)
-        rec = {"shape": list(base_ck.infos[name].shape), "kind": kind or "other", "drift_norm": norm, "r2": fit.r2}
-        records[name] = rec
+        facts: dict[str, Any] = {"shape": list(base_ck.infos[name].shape), "kind": kind or "other", "r2": fit.r2}
         if norm == 0.0:
-            rec.update(stored="zero", rank=None, energy=None)
+            records[name] = TensorRecord(**facts, drift_norm=norm, stored="zero")
         elif kind is not None:
-            rec.update(stored="lora", module=arch.modules[name])
+            records[name] = TensorRecord(**facts, drift_norm=norm, stored="lora", module=arch.modules[name])
             # PEFT's B A is (out, in): the weight itself for Linear, its transpose for Embedding / Conv1D
             factorizer.add(name, fit.drift, transposed=kind in ("embedding", "conv1d"))
         else:
-            rec.update(stored="extras", rank=None, energy=1.0)
+            records[name] = TensorRecord(**facts, drift_norm=norm, stored="extras", energy=1.0)
             extras[name] = fit.drift.cpu()
         del fit
         if progress:
@@ -197,8 +164,12 @@ def _fit_share(job: _Job, names: list[str], opts: ExtractOptions, device: torch.
     factors = factorizer.finish()
     logger.info(
         "pass over %d tensors: %.2f s (%.2f s waiting for reads); factorization: %.2f s in all, %.2f s after the pass",
-        len(names), t_pass - t_start, stats["waited"], factorizer.seconds, time.perf_counter() - t_pass,
-    )  # fmt: skip
+        len(names),
+        t_pass - t_start,
+        stats["waited"],
+        factorizer.seconds,
+        time.perf_counter() - t_pass,
+    )
     factors = {
         n: Factor(B=f.B.cpu(), A=f.A.cpu(), energy=f.energy, iterations=f.iterations) for n, f in factors.items()
     }
@@ -219,8 +190,9 @@ def _merge(parts: list[_Part], names: list[str]) -> _Part:
     )
 
 
-def _write(job: _Job, part: _Part, opts: ExtractOptions, device: torch.device, overwrite: bool,
-           command: str | None) -> ExtractResult:  # fmt: skip
+def _write(
+    job: _Job, part: _Part, opts: ExtractOptions, device: torch.device, overwrite: bool, command: str | None
+) -> ExtractResult:
     base_ck, cks, records, extras = job.base, job.cks, part.records, part.extras
     modules = _lora_modules(part.factors, records)
     for ck, moved in zip(cks, part.moved, strict=True):
@@ -232,14 +204,13 @@ def _write(job: _Job, part: _Part, opts: ExtractOptions, device: torch.device, o
         raise InputError("the checkpoints do not move any fitted tensor away from the base; check --include/--exclude")
 
     meta = build_meta(base_ck, cks, job.steps, job.source, opts, device, job.factor_dtype, job.arch, records, command)
-    summary = summarize_records(records, base_ck, cks)
-    meta["summary"] = summary
+    summary = meta.summary
     base_name = base_ck.hub["repo_id"] if base_ck.hub else str(base_ck.path.absolute())  # where PEFT finds the base
     config = peft_config(modules, base_name, job.arch.fan_in_fan_out)
     inputs = [base_ck.path, *(c.path for c in cks)]
     with atomic_output_dir(job.out_dir, inputs, overwrite) as tmp:
         write_adapter(tmp, modules, extras, meta, config, adapter_card(meta, summary))
-        summary["adapter_bytes"] = sum(f.stat().st_size for f in tmp.iterdir())
+        summary.adapter_bytes = sum(f.stat().st_size for f in tmp.iterdir())
     return ExtractResult(out_dir=job.out_dir, meta=meta, summary=summary)
 
 
@@ -253,16 +224,17 @@ def _check_rank(rank: int | float, shapes: list[tuple[int, ...]]) -> None:
         )
 
 
-def _lora_modules(factors: dict[str, Factor], records: dict[str, dict[str, Any]]) -> dict[str, LoraModule]:
+def _lora_modules(factors: dict[str, Factor], records: dict[str, TensorRecord]) -> dict[str, LoraModule]:
     """LoRA modules by module path; records get their rank and kept energy (or ``stored="zero"``)."""
     modules: dict[str, LoraModule] = {}
     for name, factor in factors.items():
         rec = records[name]
         if factor.rank == 0:  # drift below round-off: never write a rank-0 LoRA entry
-            rec.update(stored="zero", rank=None, energy=None)
+            rec.stored, rec.rank, rec.energy = "zero", None, None  # module kept, as written since version 1
             continue
-        rec.update(rank=factor.rank, energy=factor.energy)
-        modules[rec["module"]] = LoraModule(name, rec["kind"], factor.A, factor.B)
+        rec.rank, rec.energy = factor.rank, factor.energy
+        assert rec.module is not None  # a lora record names its module
+        modules[rec.module] = LoraModule(name, rec.kind, factor.A, factor.B)
     return modules
 
 

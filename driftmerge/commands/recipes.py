@@ -1,8 +1,9 @@
 """Recipes: a YAML job file whose ``extract``, ``apply`` and ``push`` stages run in that order.
 
-``driftmerge run recipes/NAME.yaml`` loads a recipe with :func:`load_recipe` (pydantic models; unknown keys are
-refused with the key named), prints :func:`plan` (the equivalent ``driftmerge ...`` command lines, one per stage)
-and runs it with :func:`run_recipe`, which calls the same library functions as those commands.
+``driftmerge run recipes/NAME.yaml`` loads a recipe with :func:`load_recipe` (the models of
+:mod:`driftmerge.commands.recipe_schema`; unknown keys are refused with the key named), prints :func:`plan` (the
+equivalent ``driftmerge ...`` command lines, one per stage, written from the same option definitions as the
+commands' flags) and runs it with :func:`run_recipe`, which calls the same library functions as those commands.
 
 Every stage is optional, but a recipe holds at least one. Left out, ``apply.adapter`` is the extract stage's output
 and ``push.folder`` is the apply stage's output (else the extract stage's). ``push_to_hub: org/name`` in an extract
@@ -18,240 +19,24 @@ checkpoint may also be a Hub id (``org/name`` or ``org/name@revision``): it is p
 from __future__ import annotations
 
 import functools
-import itertools
-import math
-import re
+import inspect
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ValidationError
 
+from driftmerge.commands.flags import OptionsModel, flag_args, kind, problem, split_at_output
+from driftmerge.commands.options import ApplyOptions, ExtractOptions, RunDirSelection
+from driftmerge.commands.recipe_schema import ApplyStage, ExtractStage, PushStage, Recipe
 from driftmerge.errors import InputError, OutputError
-from driftmerge.io.memory import parse_size
 from driftmerge.io.outputs import check_output_dir
-from driftmerge.io.rundirs import parse_range
 from driftmerge.progress import Progress
 
-MIN_MEMORY = 64 << 20  # the floor of commands.extract.MIN_MEMORY (that module imports torch; a test keeps them equal)
-# the extract stage's keys that are fields of driftmerge.commands.extract.ExtractOptions, in command-line order
-OPTION_KEYS = ("steps", "base_step", "rank", "fit", "svd", "device", "factor_dtype", "max_memory", "include",
-               "exclude", "seed")  # fmt: skip
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # NAMESPACE/NAME; publish.check_repo_id checks more
-_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-# ---- schema ----------------------------------------------------------------------------------------------------
-def _repo_id(value: str | None) -> str | None:
-    if value is not None and not _REPO_ID.fullmatch(value):
-        raise ValueError(f"must be a Hub repo id NAMESPACE/NAME (no @revision here), got {value!r}")
-    return value
-
-
-class RunDir(BaseModel):
-    """Take the checkpoints from a training run's folder (as ``extract --run-dir``)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    path: str = Field(min_length=1)  # TRL output_dir (checkpoint-N/), verl (global_step_N/actor/huggingface/), step_N/
-    every: int | None = Field(default=None, ge=1)  # keep steps that are multiples of K
-    last: int | None = Field(default=None, ge=1)  # then keep the last N
-    steps_range: str | None = None  # "A:B", "A:" or ":B": keep A <= step <= B (applied between every and last)
-
-    @field_validator("steps_range")
-    @classmethod
-    def _range(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                parse_range(value)
-            except InputError as exc:
-                raise ValueError(str(exc).removeprefix("--steps-range: ")) from None
-        return value
-
-
-class ExtractStage(BaseModel):
-    """``driftmerge extract``: fit the drift of base + checkpoints and write a PEFT adapter folder."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    base: str = Field(min_length=1)  # local model folder or Hub id org/name[@revision]
-    checkpoints: list[str] | None = Field(default=None, min_length=1)  # folders or Hub ids; or run_dir instead
-    run_dir: RunDir | None = None
-    output: str = Field(default="driftmerge-adapter", min_length=1)  # adapter folder to write
-    fit: Literal["lsq", "pca", "endpoint"] = "lsq"
-    rank: int | float = 1  # int: fixed rank; float in (0, 1]: share of the drift energy to keep
-    svd: Literal["randomized", "exact"] = "randomized"
-    device: str = "auto"  # auto | cpu | cuda[:i]
-    factor_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    include: str | None = None  # regex: only tensors whose name matches
-    exclude: str | None = None  # regex: leave out tensors whose name matches
-    seed: int = 0
-    steps: list[int] | None = Field(default=None, min_length=1)  # default: from folder names, else 1..N
-    base_step: int = 0
-    max_memory: int = 1 << 30  # bytes, or a size such as "1GiB" / "500MB"
-    overwrite: bool = False
-    push_to_hub: str | None = None  # repo id to push the adapter to, or null
-    hub_private: bool = False  # with push_to_hub: create that repo private
-
-    @field_validator("rank", mode="before")
-    @classmethod
-    def _rank(cls, value: Any) -> int | float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"must be an integer rank >= 1 or an energy share in (0, 1], got {value!r}")
-        if isinstance(value, int) and value < 1:
-            raise ValueError(f"must be at least 1 as an integer rank, got {value}")
-        if isinstance(value, float) and not 0.0 < value <= 1.0:
-            raise ValueError(f"as an energy share must lie in (0, 1], got {value}")
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if not _DEVICE.fullmatch(value):
-            raise ValueError(f"must be auto, cpu or cuda[:i], got {value!r}")
-        return value
-
-    @field_validator("include", "exclude")
-    @classmethod
-    def _regex(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression ({exc})") from None
-        return value
-
-    @field_validator("steps")
-    @classmethod
-    def _steps(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(b <= a for a, b in itertools.pairwise(value)):
-            raise ValueError(f"must increase strictly, got {value}")
-        return value
-
-    @field_validator("max_memory", mode="before")
-    @classmethod
-    def _max_memory(cls, value: Any) -> int:
-        size = _size(value)
-        if size < MIN_MEMORY:
-            raise ValueError(f"must be at least {MIN_MEMORY >> 20} MiB, got {value!r}")
-        return size
-
-    @field_validator("push_to_hub")
-    @classmethod
-    def _push(cls, value: str | None) -> str | None:
-        return _repo_id(value)
-
-    @model_validator(mode="after")
-    def _inputs(self) -> ExtractStage:
-        if (self.checkpoints is None) == (self.run_dir is None):
-            raise ValueError("give exactly one of checkpoints (a list) or run_dir (a run folder)")
-        if self.steps is not None and self.checkpoints is not None and len(self.steps) != len(self.checkpoints):
-            raise ValueError(f"steps gives {len(self.steps)} steps for {len(self.checkpoints)} checkpoints")
-        return self
-
-
-class ApplyStage(BaseModel):
-    """``driftmerge apply``: write the model (or a scaled adapter) at a scale or step along the drift."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    adapter: str | None = Field(default=None, min_length=1)  # default: the extract stage's output
-    base: str | None = Field(default=None, min_length=1)  # default: the base recorded in the adapter
-    scale: float | None = None  # W = W0 + scale · drift; exactly one of scale / step
-    step: float | None = None  # a training step, mapped to a scale through the recorded steps
-    output: str | None = Field(default=None, min_length=1)  # default: driftmerge-model / driftmerge-adapter-scaled
-    format: Literal["model", "adapter"] = "model"
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    max_shard_size: str | int = "5GB"
-    overwrite: bool = False
-    push_to_hub: str | None = None  # repo id to push the output to, or null
-    hub_private: bool = False  # with push_to_hub: create that repo private
-
-    @field_validator("scale", "step")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"must be a finite number, got {value}")
-        return value
-
-    @field_validator("max_shard_size", mode="before")
-    @classmethod
-    def _shard(cls, value: Any) -> str | int:
-        if _size(value) < 1:
-            raise ValueError(f"must be a positive size such as 5GB, got {value!r}")
-        return value
-
-    @field_validator("push_to_hub")
-    @classmethod
-    def _push(cls, value: str | None) -> str | None:
-        return _repo_id(value)
-
-    @model_validator(mode="after")
-    def _one_target(self) -> ApplyStage:
-        if (self.scale is None) == (self.step is None):
-            raise ValueError("give exactly one of scale or step")
-        if self.output is None:
-            self.output = "driftmerge-model" if self.format == "model" else "driftmerge-adapter-scaled"
-        return self
-
-
-class PushStage(BaseModel):
-    """Upload a folder to the Hugging Face Hub (:func:`driftmerge.hub.publish.push_folder`)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    folder: str | None = Field(default=None, min_length=1)  # default: the apply output, else the extract output
-    repo_id: str  # org/name (created when missing)
-    private: bool = False  # create the repo private
-    revision: str | None = Field(default=None, min_length=1)  # branch to push to (default: main)
-    create_pr: bool = False  # open a pull request instead of committing
-    dry_run: bool = False  # say what would be uploaded, upload nothing
-    analysis: str | None = Field(default=None, min_length=1)  # a `driftmerge analyze` folder to add to the card
-
-    @field_validator("repo_id")
-    @classmethod
-    def _repo(cls, value: str) -> str:
-        return str(_repo_id(value))
-
-
-class Recipe(BaseModel):
-    """A job: up to three stages, run in the order extract, apply, push."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    extract: ExtractStage | None = None
-    apply: ApplyStage | None = None
-    push: PushStage | None = None
-
-    @model_validator(mode="after")
-    def _wire(self) -> Recipe:
-        if self.extract is None and self.apply is None and self.push is None:
-            raise ValueError("give at least one stage: extract, apply or push")
-        if self.apply is not None and self.apply.adapter is None:
-            if self.extract is None:
-                raise ValueError("apply.adapter: required when the recipe has no extract stage")
-            self.apply.adapter = self.extract.output
-        if self.push is not None and self.push.folder is None:
-            if self.apply is not None:
-                self.push.folder = self.apply.output
-            elif self.extract is not None:
-                self.push.folder = self.extract.output
-            else:
-                raise ValueError("push.folder: required when the recipe has no extract or apply stage")
-        return self
-
-
-def _size(value: Any) -> int:
-    """``"1GiB"``, ``"500MB"`` or a byte count → bytes, as a pydantic ``ValueError`` when it is none of those."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise ValueError(f"must be a size such as 1GiB or 500MB, or a byte count, got {value!r}")
-    try:
-        return parse_size(value, "size")
-    except InputError:
-        raise ValueError(f"must be a size such as 1GiB or 500MB, or a byte count, got {value!r}") from None
+__all__ = ["Recipe", "Stage", "StageResult", "load_recipe", "plan", "preflight", "run_recipe", "stages"]
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
@@ -293,14 +78,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if data is None:
         raise InputError(f"{path}: the recipe is empty; give at least one stage: extract, apply or push")
     if not isinstance(data, dict):
-        raise InputError(f"{path}: a recipe is a mapping of stages (extract, apply, push), got {_kind(data)}")
+        raise InputError(f"{path}: a recipe is a mapping of stages (extract, apply, push), got {kind(data)}")
     return data
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+    what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark is not None else what
 
 
 def _describe(err: Any) -> str:
@@ -308,17 +93,13 @@ def _describe(err: Any) -> str:
     loc, key = err["loc"], _dotted(err["loc"])
     if err["type"] == "extra_forbidden":
         model = _model_at(loc[:-1])
-        allowed = f" (allowed: {', '.join(model.model_fields)})" if model is not None else ""
+        allowed = f" (allowed: {', '.join(_keys(model))})" if model is not None else ""
         return f"unknown key {key}{allowed}"
     if err["type"] == "missing":
         return f"{key}: required key missing"
     if err["type"] == "model_type":
-        return f"{key}: must be a mapping of keys, got {_kind(err['input'])}"
-    msg = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be", 1)
-    if err["type"].endswith("_type"):  # a value of the wrong type: say what was given
-        msg += f", got {_kind(err['input'])}"
-    elif err["type"] == "literal_error":
-        msg += f", got {err['input']!r}"
+        return f"{key}: must be a mapping of keys, got {kind(err['input'])}"
+    msg = problem(err)  # a conflict between keys names them as keys
     return f"{key}: {msg}" if key else msg
 
 
@@ -344,10 +125,10 @@ def _model_at(loc: Sequence[str | int]) -> type[BaseModel] | None:
     return model
 
 
-def _kind(value: Any) -> str:
-    return {list: "a list", str: "a string", bool: "true/false", int: "a number", float: "a number"}.get(
-        type(value), type(value).__name__
-    )
+def _keys(model: type[BaseModel]) -> list[str]:
+    """A model's keys, the stage's own (base, checkpoints, …) before those of the options it extends."""
+    own = [name for name in inspect.get_annotations(model) if name in model.model_fields]
+    return [*own, *(name for name in model.model_fields if name not in own)]
 
 
 # ---- plan ------------------------------------------------------------------------------------------------------
@@ -385,58 +166,32 @@ def plan(recipe: Recipe) -> list[str]:
 
 
 def _extract_line(e: ExtractStage) -> str:
-    args = ["extract", e.base]
-    if e.run_dir is not None:
-        r = e.run_dir
-        args += ["--run-dir", r.path, *_flag("--every", r.every), *_flag("--last", r.last)]
-        args += _flag("--steps-range", r.steps_range)
-    else:
-        args += e.checkpoints or []
-    args += ["-o", e.output]
-    for key in OPTION_KEYS:  # only what differs from the command's defaults (type too: rank 1.0 is not rank 1)
-        value, default = getattr(e, key), ExtractStage.model_fields[key].default
-        if value != default or type(value) is not type(default):
-            args += _flag("--" + key.replace("_", "-"), _text(key, value))
-    return _command(args, e.overwrite, e.push_to_hub, e.hub_private)
+    inputs = flag_args(e.run_dir, RunDirSelection) if e.run_dir is not None else list(e.checkpoints or [])
+    return _options_line("extract", [e.base, *inputs], e, ExtractOptions, e.output)
 
 
 def _apply_line(a: ApplyStage) -> str:
-    target = ["--scale", _number(a.scale)] if a.scale is not None else ["--step", _number(a.step)]
-    args = ["apply", str(a.adapter), *_flag("--base", a.base), *target, "-o", str(a.output)]
-    if a.format != "model":
-        args += ["--format", a.format]
-    if a.dtype != "auto":
-        args += ["--dtype", a.dtype]
-    if a.max_shard_size != "5GB":
-        args += ["--max-shard-size", str(a.max_shard_size)]
-    return _command(args, a.overwrite, a.push_to_hub, a.hub_private)
+    return _options_line("apply", [str(a.adapter)], a, ApplyOptions, str(a.output))
+
+
+def _options_line(
+    name: str, inputs: list[str], stage: ExtractStage | ApplyStage, model: type[OptionsModel], output: str
+) -> str:
+    """``driftmerge NAME INPUTS... [options] -o OUTPUT [options]``, with only the options the stage changes from
+    their defaults, in the order ``--help`` lists them."""
+    before, after = split_at_output(model)
+    args = [name, *inputs, *flag_args(stage, model, before), "-o", output, *flag_args(stage, model, after)]
+    return _command(args, stage.overwrite, stage.push_to_hub, stage.hub_private)
 
 
 def _push_line(p: PushStage) -> str:
     args = ["push", str(p.folder), p.repo_id, *_flag("--revision", p.revision), *_flag("--analysis", p.analysis)]
-    args += [flag for flag, on in (("--private", p.private), ("--create-pr", p.create_pr), ("--dry-run", p.dry_run))
-             if on]  # fmt: skip
-    return _command(args)
-
-
-def _number(value: float | None) -> str:
-    """``1.5`` / ``2000`` (not ``2000.0``), exact: ``repr`` round-trips a float."""
-    assert value is not None
-    return str(int(value)) if value.is_integer() else repr(value)
+    switches = (("--private", p.private), ("--create-pr", p.create_pr), ("--dry-run", p.dry_run))
+    return _command([*args, *(flag for flag, on in switches if on)])
 
 
 def _flag(flag: str, value: object) -> list[str]:
     return [] if value is None else [flag, str(value)]
-
-
-def _text(key: str, value: Any) -> str:
-    if key == "steps":
-        return ",".join(map(str, value))
-    if key == "max_memory":
-        for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-            if value % (1 << shift) == 0:
-                return f"{value >> shift}{unit}"
-    return str(value)
 
 
 def _command(args: list[str], overwrite: bool = False, push_to_hub: str | None = None, private: bool = False) -> str:
@@ -445,10 +200,20 @@ def _command(args: list[str], overwrite: bool = False, push_to_hub: str | None =
 
 
 # ---- running ---------------------------------------------------------------------------------------------------
-def run_recipe(recipe: Recipe, progress: Progress | None = None, command: str | None = None) -> list[StageResult]:
-    """Run every stage in order; ``command`` (e.g. ``driftmerge run recipes/x.yaml``) goes in the model cards."""
+StageRunner = Callable[[int, int, Stage], StageResult]
+
+
+def run_recipe(
+    recipe: Recipe, progress: Progress | None = None, command: str | None = None, each: StageRunner | None = None
+) -> list[StageResult]:
+    """Check the recipe's outputs and tokens (:func:`preflight`), then run every stage in order; ``command`` (e.g.
+    ``driftmerge run recipes/x.yaml``) goes in the model cards. ``each(i, n, stage)``, when given, runs stage ``i``
+    of ``n`` in the caller's way (the CLI prints a header, shows a progress bar and prints the stage's summary) by
+    calling ``stage.run(progress, command)`` and returning its result."""
     preflight(recipe)
-    return [stage.run(progress, command) for stage in stages(recipe)]
+    todo = stages(recipe)
+    run = each or (lambda i, n, stage: stage.run(progress, command))
+    return [run(i, len(todo), stage) for i, stage in enumerate(todo, 1)]
 
 
 def preflight(recipe: Recipe) -> None:
@@ -481,30 +246,39 @@ def _recorded(command: str | None, line: str) -> str:
 
 
 def _run_extract(e: ExtractStage, progress: Progress | None, command: str | None) -> StageResult:
-    from driftmerge.commands.extract import ExtractOptions, extract
+    from driftmerge.commands.extract import extract
 
-    checkpoints = e.checkpoints if e.checkpoints is not None else _from_run_dir(e.run_dir)  # type: ignore[arg-type]
-    options = ExtractOptions(**{key: getattr(e, key) for key in OPTION_KEYS})
-    result = extract(e.base, checkpoints, e.output, options, e.overwrite, progress,
-                     _recorded(command, _extract_line(e)))  # fmt: skip
+    if e.checkpoints is not None:
+        checkpoints = e.checkpoints
+    else:
+        assert e.run_dir is not None  # the schema wants exactly one of them
+        checkpoints = [str(f.path) for f in e.run_dir.select()[0]]
+    result = extract(
+        e.base,
+        checkpoints,
+        out_dir=e.output,
+        options=ExtractOptions.of(e),
+        overwrite=e.overwrite,
+        progress=progress,
+        command=_recorded(command, _extract_line(e)),
+    )
     pushed = _push_after(result.out_dir, e.push_to_hub, e.hub_private)
     return StageResult("extract", "PEFT adapter", result.out_dir, result, pushed)
-
-
-def _from_run_dir(run_dir: RunDir) -> list[str]:
-    from driftmerge.io.rundirs import discover, select
-
-    return [str(f.path) for f in select(discover(run_dir.path), run_dir.every, run_dir.last, run_dir.steps_range)]
 
 
 def _run_apply(a: ApplyStage, progress: Progress | None, command: str | None) -> StageResult:
     from driftmerge.commands.apply import apply_drift
 
-    result = apply_drift(str(a.adapter), str(a.output), a.scale, a.step, a.base, a.format, a.dtype, a.max_shard_size,
-                         a.overwrite, progress, _recorded(command, _apply_line(a)))  # fmt: skip
-    what = "model" if a.format == "model" else "scaled PEFT adapter"
+    result = apply_drift(
+        str(a.adapter),
+        str(a.output),
+        options=ApplyOptions.of(a),
+        overwrite=a.overwrite,
+        progress=progress,
+        command=_recorded(command, _apply_line(a)),
+    )
     pushed = _push_after(result.out_dir, a.push_to_hub, a.hub_private)
-    return StageResult("apply", what, result.out_dir, result, pushed)
+    return StageResult("apply", a.writes, result.out_dir, result, pushed)
 
 
 def _push_after(folder: Path, repo_id: str | None, private: bool) -> Any:
@@ -520,6 +294,13 @@ def _run_push(p: PushStage, progress: Progress | None, command: str | None) -> S
     from driftmerge.hub.publish import push_folder
 
     folder = Path(str(p.folder))
-    result = push_folder(folder, p.repo_id, private=p.private, revision=p.revision, create_pr=p.create_pr,
-                         dry_run=p.dry_run, analysis=p.analysis)  # fmt: skip
+    result = push_folder(
+        folder,
+        p.repo_id,
+        private=p.private,
+        revision=p.revision,
+        create_pr=p.create_pr,
+        dry_run=p.dry_run,
+        analysis=p.analysis,
+    )
     return StageResult("push", "Hub upload", folder, result)

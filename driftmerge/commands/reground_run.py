@@ -70,8 +70,9 @@ def reground_run_dir(
         start = _start_path(window.start, state, found, base, base_step, out)
         steps = sorted(s for s in found if window.start < s <= window.end)
         log(f"window {window.start}..{window.end}: {len(steps)} checkpoints -> {out / window.folder}")
-        _write_window(start, [found[s] for s in steps], [s - window.start for s in steps], window, every, jump,
-                      rank, fit, out)  # fmt: skip
+        _write_window(
+            start, [found[s] for s in steps], [s - window.start for s in steps], window, every, jump, rank, fit, out
+        )
         state["windows"].append(vars(window))
         out.mkdir(parents=True, exist_ok=True)
         (out / STATE).write_text(json.dumps(state, indent=2) + "\n")
@@ -91,8 +92,9 @@ def _load_state(out: Path, every: int, jump: int) -> dict[str, Any]:
     return state
 
 
-def _next_window(state: dict[str, Any], found: dict[int, Path], every: int, jump: int, has_base: bool,
-                 base_step: int) -> Window | None:  # fmt: skip
+def _next_window(
+    state: dict[str, Any], found: dict[int, Path], every: int, jump: int, has_base: bool, base_step: int
+) -> Window | None:
     if state["windows"]:
         start = state["windows"][-1]["output"]
     elif has_base:
@@ -107,8 +109,9 @@ def _next_window(state: dict[str, Any], found: dict[int, Path], every: int, jump
     return Window(start, end, end + jump)
 
 
-def _start_path(step: int, state: dict[str, Any], found: dict[int, Path], base: str | Path | None, base_step: int,
-                out: Path) -> Path:  # fmt: skip
+def _start_path(
+    step: int, state: dict[str, Any], found: dict[int, Path], base: str | Path | None, base_step: int, out: Path
+) -> Path:
     if any(w["output"] == step for w in state["windows"]):
         return out / f"step_{step}"  # the previous jump: where training resumed
     if base is not None and step == base_step:
@@ -116,11 +119,27 @@ def _start_path(step: int, state: dict[str, Any], found: dict[int, Path], base: 
     return found[step]
 
 
-def _write_window(start: Path, cks: list[Path], steps: list[int], window: Window, every: int, jump: int,
-                  rank: int | float, fit: str, out: Path) -> None:  # fmt: skip
+def _write_window(
+    start: Path,
+    cks: list[Path],
+    steps: list[int],
+    window: Window,
+    every: int,
+    jump: int,
+    rank: int | float,
+    fit: str,
+    out: Path,
+) -> None:
     from driftmerge.commands.apply import apply_drift
     from driftmerge.commands.extract import ExtractOptions, extract
+    from driftmerge.commands.options import ApplyOptions
 
     adapter = out / f"drift_{window.start}-{window.end}"
-    extract(start, cks, adapter, ExtractOptions(steps=steps, base_step=0, rank=rank, fit=fit), overwrite=True)
-    apply_drift(adapter, out / window.folder, scale=(every + jump) / every, overwrite=True)
+    extract(
+        start,
+        cks,
+        out_dir=adapter,
+        options=ExtractOptions(steps=steps, base_step=0, rank=rank, fit=fit),  # type: ignore[arg-type]  # checked there
+        overwrite=True,
+    )
+    apply_drift(adapter, out / window.folder, options=ApplyOptions(scale=(every + jump) / every), overwrite=True)

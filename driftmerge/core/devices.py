@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from driftmerge.core.device_names import DEVICE_CHOICES, is_device
 from driftmerge.errors import InputError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # floating dtypes by name
@@ -11,12 +12,11 @@ FACTOR_DTYPES = ("auto", *DTYPES)
 
 
 def resolve_device(device: str) -> torch.device:
+    if not is_device(device):
+        raise InputError(f"--device: unknown device {device!r} (give {DEVICE_CHOICES})")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise InputError(f"--device: unknown device {device!r}") from exc
+    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available here (use --device cpu)")
     return dev

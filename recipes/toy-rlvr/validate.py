@@ -26,6 +26,7 @@ from toyrl import accuracy, config_for, reward, run, steps_to_threshold, supervi
 from driftmerge.commands.analyze import AnalyzeOptions, analyze
 from driftmerge.commands.apply import apply_drift
 from driftmerge.commands.extract import ExtractOptions, extract
+from driftmerge.commands.options import ApplyOptions
 from driftmerge.commands.sweep import SweepOptions, run_sweep
 from driftmerge.evaluation.generation import SamplingOptions, generate
 from driftmerge.io.models import load_causal_lm
@@ -66,10 +67,13 @@ def one_seed(seed: int, small: bool, root: Path) -> dict:
         out[f"linearity_{kind}"] = {k: m[k] for k in ("r2", "elem_r2_median", "elem_r2_share_above", "energy_rank1")}
 
     # 2. the rank-1 model vs the full last checkpoint
-    extract(root / "rl" / "base", cks["rl"], root / "rank1", ExtractOptions(rank=1))
-    energies = [r["energy"] for r in json.loads((root / "rank1" / "driftmerge.json").read_text())["tensors"].values()
-                if r["stored"] == "lora"]  # fmt: skip
-    apply_drift(root / "rank1", root / "rank1-model", scale=1.0)
+    extract(root / "rl" / "base", cks["rl"], out_dir=root / "rank1", options=ExtractOptions(rank=1))
+    energies = [
+        r["energy"]
+        for r in json.loads((root / "rank1" / "driftmerge.json").read_text())["tensors"].values()
+        if r["stored"] == "lora"
+    ]
+    apply_drift(root / "rank1", root / "rank1-model", options=ApplyOptions(scale=1.0))
     out["rank"] = {
         "median_matrix_energy_rank1": statistics.median(energies),
         "acc_rank1_scale1": acc_of(root / "rank1-model", tok, held_out, cfg),
@@ -80,13 +84,13 @@ def one_seed(seed: int, small: bool, root: Path) -> dict:
     # 3. extrapolation from the checkpoints up to EXTRAP_FROM
     early = [c for c, s in zip(cks["rl"], steps, strict=True) if s <= EXTRAP_FROM]
     for rank, name in ((1, "early-rank1"), (1.0, "early-full")):
-        extract(root / "rl" / "base", early, root / name, ExtractOptions(rank=rank))
+        extract(root / "rl" / "base", early, out_dir=root / name, options=ExtractOptions(rank=rank))
     real = {e["step"]: e["accuracy"] for e in runs["rl"]["evals"]}
     rows = []
     for t in EXTRAP_TO:
         row = {"step": t, "real": real[t]}
         for name in ("early-rank1", "early-full"):
-            apply_drift(root / name, root / f"{name}-{t}", step=t)
+            apply_drift(root / name, root / f"{name}-{t}", options=ApplyOptions(step=t))
             row[name] = acc_of(root / f"{name}-{t}", tok, held_out, cfg)
         rows.append(row)
     out["extrapolation"] = rows
@@ -104,8 +108,14 @@ def one_seed(seed: int, small: bool, root: Path) -> dict:
 
     # 5. output extrapolation between checkpoint-100 and the last one
     a, b = load_causal_lm(cks["rl"][steps.index(EXTRAP_FROM)]), load_causal_lm(cks["rl"][-1])
-    texts = generate(b, tok, [p for p, _ in held_out], SamplingOptions(max_new_tokens=cfg.max_new_tokens,
-                     batch_size=256), early=a, alpha=1.5)  # fmt: skip
+    texts = generate(
+        b,
+        tok,
+        [p for p, _ in held_out],
+        SamplingOptions(max_new_tokens=cfg.max_new_tokens, batch_size=256),
+        early=a,
+        alpha=1.5,
+    )
     out["logits"] = {
         "early_step": EXTRAP_FROM,
         "late_step": steps[-1],
@@ -123,8 +133,13 @@ def figures(results: list[dict], folder: Path) -> None:
     for r in results:
         for kind, style in (("rl", "-"), ("sft", ":")):
             ev = r["evals"][kind]
-            ax.plot([e["step"] for e in ev], [e["accuracy"] for e in ev], style, marker=".",
-                    label=f"{kind.upper()} seed {r['seed']}")  # fmt: skip
+            ax.plot(
+                [e["step"] for e in ev],
+                [e["accuracy"] for e in ev],
+                style,
+                marker=".",
+                label=f"{kind.upper()} seed {r['seed']}",
+            )
     ax.set_xlabel("step after the supervised start")
     ax.set_ylabel("held-out greedy accuracy")
     ax.legend(fontsize=7)
@@ -138,8 +153,13 @@ def figures(results: list[dict], folder: Path) -> None:
             [e["step"] for e in ev], [e["accuracy"] for e in ev], marker=".", label=f"real, seed {r['seed']}"
         )
         ex = r["extrapolation"]
-        ax.plot([e["step"] for e in ex], [e["early-rank1"] for e in ex], "x--", color=line.get_color(),
-                label=f"extrapolated from ≤{EXTRAP_FROM}, seed {r['seed']}")  # fmt: skip
+        ax.plot(
+            [e["step"] for e in ex],
+            [e["early-rank1"] for e in ex],
+            "x--",
+            color=line.get_color(),
+            label=f"extrapolated from ≤{EXTRAP_FROM}, seed {r['seed']}",
+        )
     ax.axvline(EXTRAP_FROM, color="grey", linestyle=":")
     ax.set_xlabel("step")
     ax.set_ylabel("held-out greedy accuracy")
@@ -158,16 +178,26 @@ def tables(results: list[dict]) -> str:
     for r in results:
         for kind in ("rl", "sft"):
             m = r[f"linearity_{kind}"]
-            lines.append(f"| {r['seed']} | {kind.upper()} | {f(m['r2'])} | {f(m['elem_r2_median'])} | "
-                         f"{f(m['elem_r2_share_above'])} | {f(m['energy_rank1'])} |")  # fmt: skip
-    lines += ["", "| seed | base acc | last checkpoint acc | rank-1 model acc | median per-matrix rank-1 energy |",
-              "|---|---|---|---|---|"]  # fmt: skip
+            lines.append(
+                f"| {r['seed']} | {kind.upper()} | {f(m['r2'])} | {f(m['elem_r2_median'])} | "
+                f"{f(m['elem_r2_share_above'])} | {f(m['energy_rank1'])} |"
+            )
+    lines += [
+        "",
+        "| seed | base acc | last checkpoint acc | rank-1 model acc | median per-matrix rank-1 energy |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         k = r["rank"]
-        lines.append(f"| {r['seed']} | {f(k['acc_base'])} | {f(k['acc_last_checkpoint'])} | {f(k['acc_rank1_scale1'])} "
-                     f"| {f(k['median_matrix_energy_rank1'])} |")  # fmt: skip
-    lines += ["", "| seed | step T | real checkpoint | extrapolated, rank 1 | extrapolated, full rank |",
-              "|---|---|---|---|---|"]  # fmt: skip
+        lines.append(
+            f"| {r['seed']} | {f(k['acc_base'])} | {f(k['acc_last_checkpoint'])} | {f(k['acc_rank1_scale1'])} "
+            f"| {f(k['median_matrix_energy_rank1'])} |"
+        )
+    lines += [
+        "",
+        "| seed | step T | real checkpoint | extrapolated, rank 1 | extrapolated, full rank |",
+        "|---|---|---|---|---|",
+    ]
     for r in results:
         for e in r["extrapolation"]:
             lines.append(
