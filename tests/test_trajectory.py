@@ -1,4 +1,4 @@
-"""The fits of DESIGN §3 against a direct dense numpy computation."""
+"""The fits of docs/design.md §2.2 against a direct dense numpy computation."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from driftmerge.core.trajectory import LineAccumulator
+from driftmerge.core.trajectory import LineAccumulator, pooled_r2, pooled_sums
 
 
 def _fit(deltas: np.ndarray, t: list[float], fit: str):
@@ -66,6 +66,25 @@ def test_r2_matches_dense_and_drops_with_curvature(curved):
     straight = np.stack([ti * deltas[0] / t[0] for ti in t])
     assert _fit(straight, t, "lsq").r2 == pytest.approx(1.0, abs=1e-6)
     assert got < 0.99  # the curved one is visibly less linear
+
+
+def _sums(deltas: np.ndarray, t: list[float]) -> dict[str, float]:
+    flat = deltas.reshape(len(t), -1).astype(np.float64)
+    sd, std = flat.sum(0), np.asarray(t) @ flat
+    return {"sum_sq_norms": float((flat**2).sum()), "sq_norm_sum": float(sd @ sd), "sq_norm_tsum": float(std @ std),
+            "dot_tsum_sum": float(std @ sd)}  # fmt: skip
+
+
+def test_pooled_r2_from_running_sums_matches_dense(curved):
+    deltas, t = curved
+    ss_tot, ss_res = pooled_sums(t, **_sums(deltas, t))
+    ts = np.array([0.0, *t])
+    ys = np.concatenate([np.zeros((1, *deltas.shape[1:])), deltas]).reshape(len(ts), -1)
+    assert ss_tot == pytest.approx(float(((ys - ys.mean(0)) ** 2).sum()), rel=1e-12)
+    assert pooled_r2(ss_tot, ss_res) == pytest.approx(_dense_r2(deltas, t), abs=1e-9)
+    assert pooled_sums(t[:1], **_sums(deltas[:1], t[:1])) == (0.0, 0.0)  # two points: no R²
+    assert pooled_r2(*pooled_sums(t[:1], **_sums(deltas[:1], t[:1]))) is None
+    assert pooled_r2(*pooled_sums(t, **_sums(np.zeros_like(deltas), t))) is None  # nothing moves
 
 
 @pytest.mark.parametrize("fit", ["lsq", "pca", "endpoint"])

@@ -5,7 +5,7 @@ fit are the base ``(0, 0)`` and the checkpoints (n = N + 1). All whole-tensor nu
 ``G_ij = ⟨D_i, D_j⟩`` (float64 sums of chunked float32 dots):
 
 - drift norm per checkpoint ``‖D_i‖ = √G_ii``; direction stability ``cos(D_i, D_{i+1}) = G_{i,i+1} / (‖D_i‖‖D_{i+1}‖)``;
-- pooled linearity R² (DESIGN §3): ``SS_tot = tr G - 1ᵀG1 / n``, ``‖S_ty‖² = tᵀGt - 2 t̄ tᵀG1 + t̄² 1ᵀG1``,
+- pooled linearity R² (docs/design.md §2.3): ``SS_tot = tr G - 1ᵀG1 / n``, ``‖S_ty‖² = tᵀGt - 2 t̄ tᵀG1 + t̄² 1ᵀG1``,
   ``R² = 1 - (SS_tot - ‖S_ty‖² / S_tt) / SS_tot``;
 - the lsq drift ``D = α Σ t_j D_j`` (``α = t_ref / Σ t²``) and each checkpoint's projection on its direction,
   ``c_i = ⟨D_i, D⟩ / ‖D‖ = α (G t)_i / ‖D‖``;
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from driftmerge.core.lowrank import matrix_seed, randomized_svd
-from driftmerge.core.trajectory import _dot
+from driftmerge.core.trajectory import _dot, pooled_r2, pooled_sums
 
 R2_THRESHOLD = 0.7  # the seed paper's bar for "linear"
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -50,7 +50,7 @@ class TensorStats:
 
     @property
     def r2(self) -> float | None:
-        return 1.0 - self.ss_res / self.ss_tot if self.ss_tot > 0 else None
+        return pooled_r2(self.ss_tot, self.ss_res)
 
 
 def module_type(name: str) -> str:
@@ -95,7 +95,8 @@ def tensor_stats(
     drift_norm = math.sqrt(max(drift_sq, 0.0))
     gt = gram @ tt  # (N,) ⟨D_i, Σ_j t_j D_j⟩
     projection = [float(alpha * x / drift_norm) if drift_norm > 0 else 0.0 for x in gt]
-    ss_tot, ss_res = _pooled_sums(gram, tt, ones)
+    ss_tot, ss_res = pooled_sums(t, sum_sq_norms=float(gram.trace()), sq_norm_sum=float(ones @ gram @ ones),
+                                 sq_norm_tsum=float(tt @ gt), dot_tsum_sum=float(gt.sum()))  # fmt: skip
 
     stats = TensorStats(
         name=name,
@@ -118,20 +119,6 @@ def tensor_stats(
             drift.add_(d, alpha=alpha * float(tj))
         stats.energy_top = energy_spectrum(drift, spectrum, gen_seed)
     return stats
-
-
-def _pooled_sums(gram: torch.Tensor, tt: torch.Tensor, ones: torch.Tensor) -> tuple[float, float]:
-    """``(Σ SS_tot, Σ SS_res)`` over elements for the per-element line with intercept through base + checkpoints."""
-    n = len(tt) + 1
-    if n < 3:
-        return 0.0, 0.0
-    t_bar = float(tt.sum()) / n
-    s_tt = float(tt @ tt) - n * t_bar * t_bar
-    sum_sq, d_sum = float(gram.trace()), float(ones @ gram @ ones)
-    ss_tot = sum_sq - d_sum / n
-    s_ty = float(tt @ gram @ tt) - 2 * t_bar * float(tt @ gram @ ones) + t_bar * t_bar * d_sum
-    ss_res = max(ss_tot - max(s_ty, 0.0) / s_tt, 0.0)
-    return max(ss_tot, 0.0), ss_res
 
 
 def element_r2(
@@ -176,16 +163,16 @@ def summarize(group: Iterable[TensorStats]) -> dict[str, float | int | list[floa
     ss_tot = sum(s.ss_tot for s in items)
     ss_res = sum(s.ss_res for s in items)
     elems = [r for s in items for r in s.elem_r2]
-    mats = [s for s in items if s.energy_top]
-    weight = sum(s.drift_norm**2 for s in mats)
+    mats = [(s.energy_top[1], s.drift_norm**2) for s in items if s.energy_top]  # (rank-1 share, ‖D‖²)
+    weight = sum(w for _, w in mats)
     n_ck = len(items[0].delta_norms) if items else 0
     return {
         "tensors": len(items),
-        "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else None,
+        "r2": pooled_r2(ss_tot, ss_res),
         "elem_r2_median": statistics.median(elems) if elems else None,
         "elem_r2_share_above": sum(r > R2_THRESHOLD for r in elems) / len(elems) if elems else None,
         "elem_count": len(elems),
-        "energy_rank1": sum(s.energy_top[1] * s.drift_norm**2 for s in mats) / weight if weight > 0 else None,  # type: ignore[index]
+        "energy_rank1": sum(e * w for e, w in mats) / weight if weight > 0 else None,
         "delta_norms": [math.sqrt(sum(s.delta_norms[i] ** 2 for s in items)) for i in range(n_ck)],
     }
 

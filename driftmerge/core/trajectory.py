@@ -1,6 +1,6 @@
 """Streaming per-tensor fit of the drift line through a base and its checkpoints (pure math, no I/O).
 
-Notation (DESIGN §3): base ``W_0`` at step ``s_base``; checkpoints ``W_i`` at steps ``s_i``; deltas
+Notation (docs/design.md §2.1–2.3): base ``W_0`` at step ``s_base``; checkpoints ``W_i`` at steps ``s_i``; deltas
 ``D_i = W_i - W_0``; relative steps ``t_i = s_i - s_base``; reference ``t_ref = s_N - s_base``.
 
 Fits:
@@ -17,7 +17,8 @@ points (base and checkpoints, n = N + 1):
 ``R² = 1 - Σ_e SS_res,e / Σ_e SS_tot,e`` with ``SS_tot,e = Σ_j y_j² - (Σ_j y_j)² / n`` and
 ``SS_res,e = SS_tot,e - S_ty,e² / S_tt``, ``S_ty,e = Σ_j t_j y_j - t̄ Σ_j y_j``, ``S_tt = Σ_j t_j² - n t̄²``.
 It needs only ``Σ t_i D_i``, ``Σ D_i`` and ``Σ ‖D_i‖²``, so the deltas stream through one at a time.
-None with fewer than 3 points or no movement at all.
+None with fewer than 3 points or no movement at all. :func:`pooled_sums` and :func:`pooled_r2` compute it, for
+the streaming fit here and for the Gram matrix of :mod:`driftmerge.core.linearity`.
 """
 
 from __future__ import annotations
@@ -99,23 +100,41 @@ class LineAccumulator:
         return TensorFit(drift=drift, r2=r2, delta_sq_norms=list(self._sq))
 
     def _r2(self) -> float | None:
-        n = len(self.t) + 1  # the base is a point (t = 0, y = 0)
-        if n < 3 or self._sum_d is None or self._sum_td is None:
+        if self._sum_d is None or self._sum_td is None:  # one checkpoint: two points
             return None
-        t_bar = sum(self.t) / n
-        s_tt = sum(x * x for x in self.t) - n * t_bar * t_bar
-        sum_d_sq = _sq_norm(self._sum_d)
-        ss_tot = self._sum_sq - sum_d_sq / n
-        if ss_tot <= 0.0:
-            return None
-        # Σ_e S_ty,e² = ‖Σ t_i D_i‖² - 2 t̄ ⟨Σ t_i D_i, Σ D_i⟩ + t̄² ‖Σ D_i‖², from two norms and a dot product
-        # (no temporaries of the tensor's size); Σ t_i D_i = t_1 · _sum_td
+        # two norms and a dot product, no temporaries of the tensor's size; Σ t_i D_i = t_1 · _sum_td
         td, d = self._sum_td.reshape(-1), self._sum_d.reshape(-1)
         t1 = self.t[0]
-        s_ty_sq = t1 * t1 * _sq_norm(td) - 2 * t_bar * t1 * _dot(td, d) + t_bar * t_bar * sum_d_sq
-        explained = max(s_ty_sq, 0.0) / s_tt
-        ss_res = max(ss_tot - explained, 0.0)
-        return 1.0 - ss_res / ss_tot
+        sums = pooled_sums(self.t, sum_sq_norms=self._sum_sq, sq_norm_sum=_sq_norm(d),
+                           sq_norm_tsum=t1 * t1 * _sq_norm(td), dot_tsum_sum=t1 * _dot(td, d))  # fmt: skip
+        return pooled_r2(*sums)
+
+
+def pooled_sums(t: Sequence[float], *, sum_sq_norms: float, sq_norm_sum: float, sq_norm_tsum: float,
+                dot_tsum_sum: float) -> tuple[float, float]:  # fmt: skip
+    """``(Σ_e SS_tot,e, Σ_e SS_res,e)`` of the per-element least-squares lines with intercept through the base
+    ``(0, 0)`` and the checkpoints ``(t_i, D_i)``, n = N + 1 points, from running sums over the checkpoints:
+    ``sum_sq_norms = Σ ‖D_i‖²``, ``sq_norm_sum = ‖Σ D_i‖²``, ``sq_norm_tsum = ‖Σ t_i D_i‖²``,
+    ``dot_tsum_sum = ⟨Σ t_i D_i, Σ D_i⟩`` (with the Gram matrix G: tr G, 1ᵀG1, tᵀGt, tᵀG1).
+
+    ``SS_tot = Σ ‖D_i‖² - ‖Σ D_i‖² / n``; ``Σ_e S_ty,e² = ‖Σ t_i D_i‖² - 2 t̄ ⟨Σ t_i D_i, Σ D_i⟩ + t̄² ‖Σ D_i‖²``;
+    ``SS_res = SS_tot - Σ_e S_ty,e² / S_tt`` with ``S_tt = Σ t_i² - n t̄²`` (both clamped at 0 against rounding).
+    Sums of these over tensors pool a group; ``(0, 0)`` with fewer than 3 points.
+    """
+    n = len(t) + 1  # the base is a point (t = 0, y = 0)
+    if n < 3:
+        return 0.0, 0.0
+    t_bar = sum(float(x) for x in t) / n
+    s_tt = sum(float(x) * float(x) for x in t) - n * t_bar * t_bar
+    ss_tot = sum_sq_norms - sq_norm_sum / n
+    s_ty_sq = sq_norm_tsum - 2 * t_bar * dot_tsum_sum + t_bar * t_bar * sq_norm_sum
+    ss_res = max(ss_tot - max(s_ty_sq, 0.0) / s_tt, 0.0)
+    return max(ss_tot, 0.0), ss_res
+
+
+def pooled_r2(ss_tot: float, ss_res: float) -> float | None:
+    """``R² = 1 - Σ SS_res / Σ SS_tot`` (:func:`pooled_sums`); None when nothing moves (or fewer than 3 points)."""
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else None
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:

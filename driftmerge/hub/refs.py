@@ -16,8 +16,7 @@ from typing import Any
 
 from driftmerge.errors import InputError, first_line
 
-# org/name with an optional @revision (a branch, a tag, a commit, refs/pr/N)
-_HUB_REF = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+?)(?:@(?P<rev>[\w./-]+))?$")
+_REVISION = re.compile(r"[\w./-]+")  # after the @ of org/name@revision: a branch, a tag, a commit, refs/pr/N
 _COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
 
 SIDE_FILES = [
@@ -74,13 +73,14 @@ class Resolved:
 
 
 def parse_hub_ref(ref: str) -> HubRef | None:
-    """``org/name[@rev]`` as a :class:`HubRef` when ``ref`` is not an existing local path; else None."""
+    """``org/name[@rev]`` as a :class:`HubRef` when ``ref`` is not an existing local path and ``org/name`` is a repo
+    id (:func:`is_repo_id`); else None."""
     if Path(ref).exists():
         return None
-    m = _HUB_REF.match(ref)
-    if m is None:
+    repo_id, at, rev = ref.partition("@")
+    if not is_repo_id(repo_id) or (at and not _REVISION.fullmatch(rev)):
         return None
-    return HubRef(m.group("repo"), m.group("rev"))
+    return HubRef(repo_id, rev if at else None)
 
 
 def resolve(ref: str | Path, kind: str = "model") -> Resolved:
@@ -140,8 +140,8 @@ def _download(ref: HubRef, patterns: list[str]) -> Path:
         ) from exc
     except HfHubHTTPError as exc:
         raise InputError(f"{ref}: the Hub answered {first_line(exc)}") from exc
-    except ValueError as exc:  # HFValidationError: not a valid repo id after all
-        raise InputError(f"{ref}: no such file or folder (nor a valid Hub repo id: {first_line(exc)})") from exc
+    except ValueError as exc:  # an argument huggingface_hub refuses (the repo id was checked before)
+        raise InputError(f"{ref}: the Hub client refused it ({first_line(exc)})") from exc
     except OSError as exc:  # connection refused, DNS, disk
         raise InputError(f"{ref}: could not fetch it from the Hub ({first_line(exc)})") from exc
 
@@ -165,13 +165,28 @@ def base_license(folder: Path) -> str | None:
     return lic if isinstance(lic, str) else None
 
 
-def check_repo_id(repo_id: str) -> None:
-    """A repo id to push to: ``NAMESPACE/NAME`` as huggingface_hub validates it, else one :class:`InputError` line."""
-    from huggingface_hub.utils import validate_repo_id
+def _repo_id_problem(text: str) -> str | None:
+    """Why ``text`` is not a Hub repo id, or None when it is one: ``NAMESPACE/NAME`` (exactly one ``/``) that
+    huggingface_hub's ``validate_repo_id`` accepts (``[A-Za-z0-9_.-]``, at most 96 characters a part, no ``--`` or
+    ``..``, no leading or trailing ``-``/``.``, no ``.git`` ending)."""
+    from huggingface_hub.utils import validate_repo_id  # imported here: it costs a third of a second at start-up
 
     try:
-        validate_repo_id(repo_id)
+        validate_repo_id(text)
     except ValueError as exc:
-        raise InputError(f"{repo_id!r}: not a Hub repo id ({first_line(exc)})") from exc
-    if repo_id.count("/") != 1:
-        raise InputError(f"{repo_id!r}: give the repo id as NAMESPACE/NAME (your user name or an organization)")
+        return f"not a Hub repo id ({first_line(exc)})"
+    if text.count("/") != 1:
+        return "give the repo id as NAMESPACE/NAME (your user name or an organization)"
+    return None
+
+
+def is_repo_id(text: str) -> bool:
+    """Whether ``text`` reads as a Hub repo id ``NAMESPACE/NAME`` (the one rule for inputs, cards and outputs)."""
+    return _repo_id_problem(text) is None
+
+
+def check_repo_id(repo_id: str) -> None:
+    """A repo id to push to (:func:`is_repo_id`), else one :class:`InputError` line saying why not."""
+    problem = _repo_id_problem(repo_id)
+    if problem is not None:
+        raise InputError(f"{repo_id!r}: {problem}")
