@@ -7,6 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 from helpers import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +27,7 @@ def test_readme_setup_is_two_commands_and_ci_runs_the_test_one():
     assert cmds[1] in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_recipe_runs_as_is(tmp_path):
     env = {**os.environ, "WORK": str(tmp_path / "w"), "RANK": "2", "SCALE": "1.25"}
     proc = subprocess.run(

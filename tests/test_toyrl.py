@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from toyrl import SMALL, problems, reward
 
 from driftmerge.io.rundirs import discover
@@ -21,6 +22,7 @@ def test_the_task_and_its_reward():
     assert reward("57", "57") == 1.0 and reward("56", "57") == 0.0 and reward("", "57") == 0.0
 
 
+@pytest.mark.slow
 def test_small_recipe_end_to_end(tmp_path):
     out = tmp_path / "toy-run"
     done = subprocess.run([sys.executable, str(RECIPE), "--small", "-o", str(out)], capture_output=True, text=True)

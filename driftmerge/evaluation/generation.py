@@ -1,6 +1,6 @@
 """Sampling completions with transformers' ``generate``, and output-space (logit) extrapolation.
 
-Logit extrapolation (DESIGN §2, the seed paper's second method): an early model A and a late model B run in
+Logit extrapolation (docs/design.md §2.6, the seed paper's second method): an early model A and a late model B run in
 lockstep over the same tokens, each with its own KV cache; every next-token distribution comes from
 
     z = z_A + alpha · (z_B - z_A)
