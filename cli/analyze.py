@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from driftmerge_cli.common import SizeType, StepsType, progress_bar
 
@@ -32,7 +34,7 @@ from driftmerge_cli.common import SizeType, StepsType, progress_bar
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the element sample.")
 @click.option("--max-memory", type=SizeType(), default="1GiB", show_default=True, help="Read-ahead.")
 @click.option("--overwrite", is_flag=True, help="Replace the report folder if it exists.")
-def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: object) -> None:
+def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: Any) -> None:
     """How linear was the run BASE → CHECKPOINT..., and how much of each drift does rank 1 hold.
 
     With a single ADAPTER folder, render what `driftmerge extract` recorded in it instead.
@@ -45,7 +47,7 @@ def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: objec
         result = analyze_adapter(paths[0], out, overwrite)
     else:
         with progress_bar("analyze") as progress:
-            result = analyze(paths[0], list(paths[1:]), out, AnalyzeOptions(**opts), overwrite, progress)  # type: ignore[arg-type]
+            result = analyze(paths[0], list(paths[1:]), out, AnalyzeOptions(**opts), overwrite, progress)
     rows = result.table()
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]

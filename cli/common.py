@@ -6,10 +6,13 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import click
 from driftmerge_cli.options import ParsedText
 from tqdm import tqdm
+
+F = TypeVar("F", bound=Callable[..., Any])  # a click command function
 
 
 class RankType(ParsedText):
@@ -90,7 +93,7 @@ class FloatListType(click.ParamType):
 
     name = "X1,X2,..."
 
-    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> list[float]:
         if isinstance(value, list):
             return value
         try:
@@ -99,7 +102,7 @@ class FloatListType(click.ParamType):
             self.fail(f"{value!r} is not a comma-separated list of numbers", param, ctx)
 
 
-def sampling_options(f):  # type: ignore[no-untyped-def]
+def sampling_options(f: F) -> F:
     """The generation knobs ``sweep`` and ``generate`` share; the command receives them as keyword arguments."""
     options = [
         click.option("--samples", type=int, default=1, show_default=True, help="Completions per prompt."),

@@ -50,9 +50,8 @@ def later(build: Callable[[], list[click.Parameter]]) -> Callable[[F], F]:
     ``cls=LazyCommand``)."""
 
     def decorator(f: F) -> F:
-        if not hasattr(f, "__click_params__"):
-            f.__click_params__ = []  # type: ignore[attr-defined]
-        f.__click_params__.append(_Later(build))  # type: ignore[attr-defined]
+        params: list[Any] = f.__dict__.setdefault("__click_params__", [])  # where click's decorators collect
+        params.append(_Later(build))
         return f
 
     return decorator

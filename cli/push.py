@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import click
-from driftmerge_cli.common import human_bytes
+from driftmerge_cli.common import F, human_bytes
 
 if TYPE_CHECKING:
     from driftmerge.hub.publish import PushResult
@@ -32,7 +32,7 @@ def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, cre
     report_push(result)
 
 
-def push_option(f):  # type: ignore[no-untyped-def]
+def push_option(f: F) -> F:
     """``--push-to-hub REPO_ID`` and ``--hub-private`` for commands that write a folder."""
     f = click.option("--hub-private", is_flag=True, help="With --push-to-hub: create the repo private.")(f)
     return click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", help="Then push the output there.")(f)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 from driftmerge_cli.common import RankType
+
+if TYPE_CHECKING:
+    from driftmerge.core.trajectory import Fit
 
 
 @click.command("reground")
@@ -18,7 +23,7 @@ from driftmerge_cli.common import RankType
 @click.option("--once", is_flag=True, help="Process the complete windows and exit (default: keep watching).")
 @click.option("--poll", type=float, default=60.0, show_default=True, help="Seconds between looks at the folder.")
 def reground_cmd(run_dir: str, every: int, jump: int, base: str | None, base_step: int, out: str | None,
-                 rank: int | float, fit: str, once: bool, poll: float) -> None:  # fmt: skip
+                 rank: int | float, fit: Fit, once: bool, poll: float) -> None:  # fmt: skip
     """Whenever M more steps of the run are saved, fit their drift and write the model N steps ahead
     (OUT/step_<S>, a Hugging Face checkpoint) for the next training stage to resume from."""
     from driftmerge.commands.reground_run import reground_run_dir

@@ -69,7 +69,7 @@ def sweep_cmd(
 
     if reward is None and eval_cmd is None:
         reward = "exact-number"
-    opts = SweepOptions(scales, mode, reward, eval_cmd, SamplingOptions(**pop_sampling(sampling)), device)  # type: ignore[arg-type]
+    opts = SweepOptions(scales, mode, reward, eval_cmd, SamplingOptions(**pop_sampling(sampling)), device)
     opts.validate()
     if apply_best is not None and mode != "weights":
         raise click.UsageError("--apply-best writes a model at a scale: it needs --mode weights")

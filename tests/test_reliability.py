@@ -1,5 +1,5 @@
-"""The reliability contract (docs/design.md §6): a corpus of bad inputs, killed writes, a full disk, untouched inputs and
-byte-for-byte determinism."""
+"""The reliability contract (docs/design.md §6): a corpus of bad inputs, killed writes, a full disk, untouched inputs
+and byte-for-byte determinism."""
 
 from __future__ import annotations
 

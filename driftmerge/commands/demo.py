@@ -18,6 +18,7 @@ from pathlib import Path
 from driftmerge.commands.apply import ApplyResult, apply_drift
 from driftmerge.commands.extract import ExtractOptions, ExtractResult, extract
 from driftmerge.commands.options import ApplyOptions
+from driftmerge.progress import Progress
 
 DEMO_STEPS = (50, 100, 150, 200)
 DEMO_SCALE = 1.5
@@ -41,7 +42,7 @@ def copy_run(folder: Path) -> Path:
     return folder / "run"
 
 
-def run_demo(folder: str | Path, progress=None) -> DemoReport:  # type: ignore[no-untyped-def]
+def run_demo(folder: str | Path, progress: Progress | None = None) -> DemoReport:
     """Copy the run under ``folder``, extract at rank 1, apply at scale 1 and 1.5, score them all."""
     from driftmerge.evaluation.addition import accuracy, held_out, max_new_tokens
     from driftmerge.io.models import load_causal_lm, load_tokenizer

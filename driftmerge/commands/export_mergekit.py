@@ -206,11 +206,12 @@ def export_mergekit(
     adapter_path = Path(adapter_dir).absolute()
     adapter = read_adapter(adapter_path)
     meta = adapter.meta
-    steps = {"base_step": meta.base_step, "s_ref": meta.s_ref}
-    scale = scale if scale is not None else scale_for_step(step, **steps)  # type: ignore[arg-type]
+    if scale is None:
+        assert step is not None  # exactly one of the two, checked above
+        scale = scale_for_step(step, base_step=meta.base_step, s_ref=meta.s_ref)
     if not math.isfinite(scale):
         raise InputError(f"the scale must be a finite number, got {scale}")
-    step = step_for_scale(scale, **steps)
+    step = step_for_scale(scale, base_step=meta.base_step, s_ref=meta.s_ref)
     if via == "checkpoints":
         checkpoint_weights(meta, scale)  # a pca fit fails here, before any folder is opened
     inputs = _check_inputs(adapter, via, Path(base).absolute() if base is not None else None)

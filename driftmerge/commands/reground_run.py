@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from driftmerge.core.trajectory import Fit
 from driftmerge.errors import InputError
 
 STATE = "reground.json"
@@ -43,7 +44,7 @@ def reground_run_dir(
     base_step: int = 0,
     out: str | Path | None = None,
     rank: int | float = 1,
-    fit: str = "lsq",
+    fit: Fit = "lsq",
     once: bool = True,
     poll: float = 60.0,
     log: Callable[[str], None] = print,
@@ -127,7 +128,7 @@ def _write_window(
     every: int,
     jump: int,
     rank: int | float,
-    fit: str,
+    fit: Fit,
     out: Path,
 ) -> None:
     from driftmerge.commands.apply import apply_drift
@@ -139,7 +140,7 @@ def _write_window(
         start,
         cks,
         out_dir=adapter,
-        options=ExtractOptions(steps=steps, base_step=0, rank=rank, fit=fit),  # type: ignore[arg-type]  # checked there
+        options=ExtractOptions(steps=steps, base_step=0, rank=rank, fit=fit),
         overwrite=True,
     )
     apply_drift(adapter, out / window.folder, options=ApplyOptions(scale=(every + jump) / every), overwrite=True)

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from driftmerge.errors import InputError
 from driftmerge.evaluation.generation import SamplingOptions, read_prompts
@@ -80,7 +82,8 @@ def run_sweep(
         raise InputError("--prompts: give the JSON-lines file of prompts (and answers) to score")
     from driftmerge.evaluation.rewards import BUILT_IN, load_reward
 
-    reward = load_reward(opts.reward)  # type: ignore[arg-type]
+    assert opts.reward is not None, "validate() allows no sweep without a reward or an evaluator"
+    reward = load_reward(opts.reward)
     records = read_prompts(prompts, need_answer=opts.reward in BUILT_IN)
     runner = _weights_runner if opts.mode == "weights" else _logits_runner
     rows, completions = [], []
@@ -98,7 +101,9 @@ def run_sweep(
     return SweepResult(opts.mode, rows, ck_scales, completions, meta)
 
 
-def _weights_runner(adapter, base, records, opts):  # type: ignore[no-untyped-def]
+def _weights_runner(
+    adapter: str | Path, base: str | Path | None, records: list[dict[str, Any]], opts: SweepOptions
+) -> Iterator[tuple[float, list[list[str]]]]:
     """Yield (scale, completions per prompt), moving one loaded model along the drift."""
     from driftmerge.core.devices import resolve_device
     from driftmerge.evaluation.generation import generate
@@ -113,7 +118,9 @@ def _weights_runner(adapter, base, records, opts):  # type: ignore[no-untyped-de
         yield scale, generate(drifted.model, tok, prompts, opts.sampling)
 
 
-def _logits_runner(adapter, base, records, opts):  # type: ignore[no-untyped-def]
+def _logits_runner(
+    adapter: str | Path, base: str | Path | None, records: list[dict[str, Any]], opts: SweepOptions
+) -> Iterator[tuple[float, list[list[str]]]]:
     """Yield (alpha, completions per prompt): the base (alpha 0) and the model at scale 1 in lockstep."""
     from driftmerge.core.devices import resolve_device
     from driftmerge.evaluation.generation import generate
@@ -130,16 +137,20 @@ def _logits_runner(adapter, base, records, opts):  # type: ignore[no-untyped-def
         yield alpha, generate(late.model, tok, prompts, opts.sampling, early=early, alpha=alpha)
 
 
-def _sweep_external(adapter, base, opts: SweepOptions, progress: Progress | None) -> list[ScaleResult]:  # type: ignore[no-untyped-def]
+def _sweep_external(
+    adapter: str | Path, base: str | Path | None, opts: SweepOptions, progress: Progress | None
+) -> list[ScaleResult]:
     """Write each scale's model with ``apply`` and let ``opts.eval_cmd`` score it."""
     from driftmerge.commands.apply import apply_drift
     from driftmerge.commands.options import ApplyOptions
 
+    assert opts.eval_cmd is not None, "an external evaluator's sweep"
     rows = []
     for i, scale in enumerate(opts.scales):
         with tempfile.TemporaryDirectory(prefix="driftmerge-sweep-") as tmp:
-            applied = apply_drift(adapter, Path(tmp) / "model", options=ApplyOptions(scale=scale, base=base))
-            mean, se = run_eval_cmd(opts.eval_cmd, applied.out_dir, scale)  # type: ignore[arg-type]
+            options = ApplyOptions(scale=scale, base=None if base is None else str(base))
+            applied = apply_drift(adapter, Path(tmp) / "model", options=options)
+            mean, se = run_eval_cmd(opts.eval_cmd, applied.out_dir, scale)
         rows.append(ScaleResult(scale, applied.step, mean, se, 0))
         if progress:
             progress(i + 1, len(opts.scales), f"scale {scale:g}: reward {mean:.3f}")

@@ -42,7 +42,10 @@ def jump_scale(every: int, jump: int | None, scale: float | None, window: int) -
         raise ValueError(f"every ({every}) must be a positive multiple of window ({window})")
     if (jump is None) == (scale is None):
         raise ValueError("give exactly one of jump (steps ahead) or scale")
-    return scale if scale is not None else (every + jump) / every  # type: ignore[operator]
+    if scale is not None:
+        return scale
+    assert jump is not None  # one of the two, checked above
+    return (every + jump) / every
 
 
 class Regrounder:

@@ -25,10 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-FITS = ("lsq", "pca", "endpoint")
+Fit = Literal["lsq", "pca", "endpoint"]
+FITS: tuple[Fit, ...] = get_args(Fit)
 
 
 @dataclass
@@ -78,7 +80,8 @@ class LineAccumulator:
                 self._sum_d = delta.clone()
         else:
             self._sum_td.add_(delta, alpha=self.t[i] / self.t[0])
-            self._sum_d.add_(delta)  # type: ignore[union-attr]
+            if self._sum_d is not None:  # None with a single step: no intercept to fit
+                self._sum_d.add_(delta)
         sq = _sq_norm(delta)
         self._sq.append(sq)
         self._sum_sq += sq

@@ -70,7 +70,7 @@ class LogitExtrapolation:
         self.fed = 0  # tokens A has seen
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.Tensor:
         batch, length = input_ids.shape
         grown = length - self.prompt_mask.shape[1]
         ones = self.prompt_mask.new_ones((batch, grown))

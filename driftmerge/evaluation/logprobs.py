@@ -26,7 +26,8 @@ def response_logprobs(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per model load would bury driftmerge's own
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
+    model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = model.to(device).eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     out = []
     for start in range(0, len(pairs), batch_size):

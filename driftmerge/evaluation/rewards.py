@@ -22,7 +22,7 @@ from pathlib import Path
 
 from driftmerge.errors import InputError
 
-Reward = Callable[[str, str, str], float]
+Reward = Callable[[str, str, str | None], float]  # (prompt, completion, answer or None) -> reward
 
 _NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?(?:/\d+)?")
 
@@ -64,12 +64,12 @@ def _same_number(a: float | None, b: float | None) -> bool:
     return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9)
 
 
-def exact_number(prompt: str, completion: str, answer: str) -> float:
+def exact_number(prompt: str, completion: str, answer: str | None) -> float:
     """1.0 when the completion's last number equals the answer, else 0.0."""
     return float(_same_number(last_number(completion), parse_number(str(answer))))
 
 
-def boxed(prompt: str, completion: str, answer: str) -> float:
+def boxed(prompt: str, completion: str, answer: str | None) -> float:
     """1.0 when the last ``\\boxed{…}`` holds the answer, else 0.0."""
     got = last_boxed(completion)
     if got is None:
@@ -97,8 +97,10 @@ def load_reward(spec: str) -> Reward:
             if not path.is_file():
                 raise InputError(f"--reward {spec!r}: no file {where}")
             loaded = importlib.util.spec_from_file_location(f"driftmerge_reward_{path.stem}", path)
-            module = importlib.util.module_from_spec(loaded)  # type: ignore[arg-type]
-            loaded.loader.exec_module(module)  # type: ignore[union-attr]
+            if loaded is None or loaded.loader is None:
+                raise InputError(f"--reward {spec!r}: {where} cannot be imported as a Python file")
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
         else:
             module = importlib.import_module(where)
     except InputError:

@@ -12,12 +12,12 @@ import math
 import shlex
 import statistics
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from driftmerge.errors import InputError
+from driftmerge.evaluation.rewards import Reward
 from driftmerge.schema import DriftMeta
 
 
@@ -52,9 +52,9 @@ def summarize(scale: float, step: float, rewards: list[list[float]]) -> ScaleRes
     return ScaleResult(scale, step, statistics.fmean(x for r in rewards for x in r), se, sum(map(len, rewards)), means)
 
 
-def score(reward: Callable[[str, str, str], float], rec: dict[str, Any], completion: str) -> float:
+def score(reward: Reward, rec: dict[str, Any], completion: str) -> float:
     try:
-        value = float(reward(rec["prompt"], completion, rec.get("answer")))  # type: ignore[arg-type]
+        value = float(reward(rec["prompt"], completion, rec.get("answer")))
     except Exception as exc:  # the user's reward failed: name it
         raise InputError(f"the reward function failed on a completion ({type(exc).__name__}: {exc})") from exc
     if not math.isfinite(value):

@@ -20,6 +20,7 @@ paper's shell loop restarted training from the extrapolated checkpoint, which re
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -49,8 +50,17 @@ class DriftExtrapolationCallback(TrainerCallback):
         if optimizer not in OPTIMIZER_STATE:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATE)}, got {optimizer!r}")
         jump_scale(every, jump, scale, window)  # fail at construction, not at the first training step
-        self.settings = {"every": every, "jump": jump, "scale": scale, "window": window, "fit": fit, "rank": rank,
-                         "seed": seed, "snapshot_device": snapshot_device}  # fmt: skip
+        self._regrounder = functools.partial(
+            Regrounder,
+            every=every,
+            jump=jump,
+            scale=scale,
+            window=window,
+            fit=fit,
+            rank=rank,
+            seed=seed,
+            snapshot_device=snapshot_device,
+        )  # built on the trainer's parameters at on_train_begin
         self.optimizer = optimizer
         self.trainer: Any = None
         self.regrounder: Regrounder | None = None
@@ -66,7 +76,7 @@ class DriftExtrapolationCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.regrounder = Regrounder(params, **self.settings)  # type: ignore[arg-type]
+        self.regrounder = self._regrounder(params)
         self.regrounder.start(state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:

@@ -218,10 +218,10 @@ def _weight_files(path: Path) -> tuple[str, dict[str, set[str] | None]]:
             weight_map = (index or {}).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise InputError(f"{index_path}: no weight_map in the index; re-save the model (save_pretrained)")
-            files: dict[str, set[str] | None] = {}
+            by_file: dict[str, set[str]] = {}
             for name, fname in weight_map.items():
-                files.setdefault(fname, set()).add(name)  # type: ignore[union-attr]
-            return fmt, files
+                by_file.setdefault(fname, set()).add(name)
+            return fmt, dict[str, set[str] | None](by_file)
     if (path / SAFE_SINGLE).is_file():
         return "safetensors", {SAFE_SINGLE: None}
     if (path / BIN_SINGLE).is_file():
@@ -333,8 +333,9 @@ def resolve_steps(
         found, source = list(steps), "--steps"
     else:
         parsed = [step_from_path(p) for p in paths]
-        if all(s is not None for s in parsed) and len(set(parsed)) == n:
-            found, source = [int(s) for s in parsed], "folder names"  # type: ignore[arg-type]
+        known = [s for s in parsed if s is not None]
+        if len(known) == n and len(set(known)) == n:
+            found, source = known, "folder names"
         elif all(s is not None for s in parsed):
             dup = next(s for s in parsed if parsed.count(s) > 1)
             raise InputError(f"two checkpoints have step {dup} in their folder names; give --steps")

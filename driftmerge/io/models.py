@@ -17,7 +17,7 @@ def load_causal_lm(folder: str | Path, device: str | torch.device = "cpu", dtype
 
     hf_logging.disable_progress_bar()  # one bar per model load would bury driftmerge's own
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
+        model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype if dtype is not None else "auto")
     except Exception as exc:
         raise InputError(f"{folder}: transformers cannot load it as a causal LM ({first_line(exc)})") from exc
     return model.to(device).eval()

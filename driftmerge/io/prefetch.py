@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -94,7 +94,7 @@ class Prefetcher(Generic[Item, Result]):
                 self._cond.notify_all()
             if error is not None:
                 raise error
-            yield item, result  # type: ignore[misc]
+            yield item, cast(Result, result)  # set whenever error is None
 
     def close(self) -> None:
         """Stop the thread (after the item it is loading) and wait for it to end."""

@@ -63,8 +63,13 @@ def delta_sources(adapter: Adapter) -> dict[str, Callable[[], torch.Tensor]]:
     for name, mod in adapter.by_tensor.items():
         out[name] = mod.delta
     for name, d in adapter.extras.items():
-        out[name] = lambda d=d: d
+        out[name] = _stored(d)
     for tied, target in adapter.meta.tied.items():
         if target in out:
             out[tied] = out[target]  # tied weights move together
     return out
+
+
+def _stored(drift: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """A source that gives ``drift`` as stored (an extras tensor is already the float32 drift)."""
+    return lambda: drift
