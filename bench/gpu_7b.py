@@ -74,13 +74,13 @@ def main() -> None:
                 d = fc.get_tensor(name).to(dev).float() - fb.get_tensor(name).to(dev).float()  # (m, n)
                 groups[tuple(d.shape)].append((name, d))
     fact_s, svd_est_s, svd_per_shape = 0.0, 0.0, {}
-    factorize([groups[next(iter(groups))][0][1]], 1, [0])  # warm-up: CUDA context, cuSOLVER handles
+    factorize([groups[next(iter(groups))][0][1]], 1, seeds=[0])  # warm-up: CUDA context, cuSOLVER handles
     for shape, items in groups.items():
         per = max(1, args.batch_bytes // (shape[0] * shape[1] * 4))
         for i in range(0, len(items), per):
             chunk = items[i : i + per]
             seeds = [matrix_seed(0, n) for n, _ in chunk]
-            dt, _ = timed(lambda chunk=chunk, seeds=seeds: factorize([m for _, m in chunk], 1, seeds))
+            dt, _ = timed(lambda chunk=chunk, seeds=seeds: factorize([m for _, m in chunk], 1, seeds=seeds))
             fact_s += dt
         times = [timed(lambda m=m: torch.linalg.svd(m, full_matrices=False))[0] for _, m in items[: args.svd_sample]]
         svd_per_shape[str(shape)] = statistics.median(times)

@@ -44,10 +44,17 @@ def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: Any) 
     from driftmerge.commands.analyze import AnalyzeOptions, analyze, analyze_adapter
 
     if len(paths) == 1 and (Path(paths[0]) / "driftmerge.json").is_file():
-        result = analyze_adapter(paths[0], out, overwrite)
+        result = analyze_adapter(paths[0], out, overwrite=overwrite)
     else:
         with progress_bar("analyze") as progress:
-            result = analyze(paths[0], list(paths[1:]), out, AnalyzeOptions(**opts), overwrite, progress)
+            result = analyze(
+                paths[0],
+                list(paths[1:]),
+                out_dir=out,
+                options=AnalyzeOptions(**opts),
+                overwrite=overwrite,
+                progress=progress,
+            )
     rows = result.table()
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]

@@ -28,14 +28,32 @@ from driftmerge_cli.common import command_line
     help="Storage dtype of the merged model, mergekit's out_dtype (auto = the base's); the arithmetic is float32.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace the config file if it exists.")
-def export_mergekit_cmd(adapter: str, scale: float | None, step: float | None, via: str, base: str | None, out: str,
-                        dtype: str, overwrite: bool) -> None:  # fmt: skip
+def export_mergekit_cmd(
+    adapter: str,
+    scale: float | None,
+    step: float | None,
+    via: str,
+    base: str | None,
+    out: str,
+    dtype: str,
+    overwrite: bool,
+) -> None:
     """Write a mergekit YAML that reproduces `driftmerge apply ADAPTER --scale S` with mergekit's task_arithmetic."""
     from driftmerge.commands.export_mergekit import export_mergekit
 
     if (scale is None) == (step is None):
         raise click.UsageError("give exactly one of --scale or --step")
-    r = export_mergekit(adapter, out, scale, step, via, base, dtype, overwrite, command_line())
+    r = export_mergekit(
+        adapter,
+        out,
+        scale=scale,
+        step=step,
+        via=via,
+        base=base,
+        dtype=dtype,
+        overwrite=overwrite,
+        command=command_line(),
+    )
     weights = ", ".join(f"{w:.6g}" for _, w in r.models)
     what = f"BASE+ADAPTER, weight {weights}" if via == "lora" else f"{len(r.models)} checkpoint(s), weights {weights}"
     lines = [

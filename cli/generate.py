@@ -19,14 +19,32 @@ from driftmerge_cli.common import pop_sampling, sampling_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:i].")
 @click.option("-o", "--output", "out", type=click.Path(path_type=str), help="JSON-lines file [default: stdout].")
 @click.option("--overwrite", is_flag=True, help="Replace the output file if it exists.")
-def generate_cmd(early: str, late: str, alpha: float, prompts: str, reward: str | None, device: str,
-                 out: str | None, overwrite: bool, **sampling: object) -> None:  # fmt: skip
+def generate_cmd(
+    early: str,
+    late: str,
+    alpha: float,
+    prompts: str,
+    reward: str | None,
+    device: str,
+    out: str | None,
+    overwrite: bool,
+    **sampling: object,
+) -> None:
     """Generate from two models in lockstep with logits z = z_A + alpha (z_B - z_A): alpha > 1 extrapolates
     beyond B. Writes one JSON line per completion: prompt index, sample, completion (and reward)."""
     from driftmerge.commands.generate import extrapolated_completions
 
-    rows, summary = extrapolated_completions(early, late, alpha, prompts, pop_sampling(sampling), reward, device, out,
-                                             overwrite)  # fmt: skip
+    rows, summary = extrapolated_completions(
+        early,
+        late,
+        alpha=alpha,
+        prompts=prompts,
+        sampling=pop_sampling(sampling),
+        reward=reward,
+        device=device,
+        out=out,
+        overwrite=overwrite,
+    )
     if out is None:
         for row in rows:
             sys.stdout.write(json.dumps(row) + "\n")

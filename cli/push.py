@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--analysis", metavar="DIR", help="A `driftmerge analyze` folder to add [default: FOLDER/analysis].")
 @click.option("--dry-run", is_flag=True, help="Show what would be pushed, and the card; contact nobody.")
-def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool, analysis: str | None,
-             dry_run: bool) -> None:  # fmt: skip
+def push_cmd(
+    folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool, analysis: str | None, dry_run: bool
+) -> None:
     """Push FOLDER (from `extract` or `apply`) to the model repo REPO_ID in one commit, with its model card.
 
     Needs a token with write access (`hf auth login` or HF_TOKEN); HF_ENDPOINT is honoured."""

@@ -22,14 +22,35 @@ if TYPE_CHECKING:
 @click.option("--fit", type=click.Choice(["lsq", "pca", "endpoint"]), default="lsq", show_default=True)
 @click.option("--once", is_flag=True, help="Process the complete windows and exit (default: keep watching).")
 @click.option("--poll", type=float, default=60.0, show_default=True, help="Seconds between looks at the folder.")
-def reground_cmd(run_dir: str, every: int, jump: int, base: str | None, base_step: int, out: str | None,
-                 rank: int | float, fit: Fit, once: bool, poll: float) -> None:  # fmt: skip
+def reground_cmd(
+    run_dir: str,
+    every: int,
+    jump: int,
+    base: str | None,
+    base_step: int,
+    out: str | None,
+    rank: int | float,
+    fit: Fit,
+    once: bool,
+    poll: float,
+) -> None:
     """Whenever M more steps of the run are saved, fit their drift and write the model N steps ahead
     (OUT/step_<S>, a Hugging Face checkpoint) for the next training stage to resume from."""
     from driftmerge.commands.reground_run import reground_run_dir
 
-    done = reground_run_dir(run_dir, every, jump, base, base_step, out, rank, fit, once, poll,
-                            log=lambda s: click.echo(s, err=True))  # fmt: skip
+    done = reground_run_dir(
+        run_dir,
+        every=every,
+        jump=jump,
+        base=base,
+        base_step=base_step,
+        out=out,
+        rank=rank,
+        fit=fit,
+        once=once,
+        poll=poll,
+        log=lambda s: click.echo(s, err=True),
+    )
     for w in done:
         click.echo(f"wrote step_{w.output}: window {w.start}..{w.end} extrapolated {jump} steps ahead")
     if not done:

@@ -73,12 +73,12 @@ def sweep_cmd(
     opts.validate()
     if apply_best is not None and mode != "weights":
         raise click.UsageError("--apply-best writes a model at a scale: it needs --mode weights")
-    check_output_dir(Path(out), [Path(adapter)], overwrite)  # fail before the long part
+    check_output_dir(Path(out), [Path(adapter)], overwrite=overwrite)  # fail before the long part
     if apply_best is not None:
-        check_output_dir(Path(apply_best), [Path(adapter)], overwrite)
+        check_output_dir(Path(apply_best), [Path(adapter)], overwrite=overwrite)
     pyplot("sweep")
     with progress_bar("sweep") as progress:
-        result = run_sweep(adapter, prompts, opts, base, progress)
+        result = run_sweep(adapter, prompts, opts=opts, base=base, progress=progress)
     settings = {
         "adapter": adapter,
         "base": base,
@@ -89,8 +89,8 @@ def sweep_cmd(
         "device": device,
         "command": command_line(),
     }
-    with atomic_output_dir(out, [Path(adapter)], overwrite) as tmp:
-        write_outputs(result, tmp, settings)
+    with atomic_output_dir(out, [Path(adapter)], overwrite=overwrite) as tmp:
+        write_outputs(result, tmp, settings=settings)
     best = result.best
     what = "alpha" if mode == "logits" else "scale"
     se = "" if best.se is None else f" ± {best.se:.4f}"

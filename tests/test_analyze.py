@@ -33,7 +33,7 @@ def dense_r2(base: dict, cks: list[dict], t: list[float], name: str) -> tuple[fl
 
 def test_linear_trajectory_has_r2_one_and_rank1_energy_one(tmp_path):
     run = make_run(tmp_path / "run", steps=STEPS, noise=0.0)
-    res = analyze(run.base, run.checkpoints, tmp_path / "rep", AnalyzeOptions(sample_frac=0.2))
+    res = analyze(run.base, run.checkpoints, out_dir=tmp_path / "rep", options=AnalyzeOptions(sample_frac=0.2))
     m = res.report["model"]
     assert m["r2"] > 0.99999 and m["elem_r2_median"] > 0.9999 and m["elem_r2_share_above"] == 1.0
     assert m["energy_rank1"] > 0.9999  # the planted drift is rank 1 in every matrix
@@ -46,7 +46,9 @@ def test_linear_trajectory_has_r2_one_and_rank1_energy_one(tmp_path):
 
 def test_curved_trajectory_matches_a_dense_numpy_computation(tmp_path):
     run = make_run(tmp_path / "run", steps=STEPS, noise=0.02, curvature=0.6, seed=4)
-    res = analyze(run.base, run.checkpoints, tmp_path / "rep", AnalyzeOptions(sample_frac=0.5, min_move=0.0))
+    res = analyze(
+        run.base, run.checkpoints, out_dir=tmp_path / "rep", options=AnalyzeOptions(sample_frac=0.5, min_move=0.0)
+    )
     base, cks = load_weights(run.base), [load_weights(c) for c in run.checkpoints]
     t = [float(s) for s in STEPS]
     assert res.report["model"]["r2"] < 0.99  # visibly below the straight line's 1
@@ -75,7 +77,7 @@ def test_element_r2_on_the_sample_is_exact_for_those_elements():
 def test_flat_spectrum_energy_matches_the_exact_singular_values():
     g = torch.Generator().manual_seed(1)
     deltas = [torch.randn(120, 90, generator=g) * (k + 1) for k in range(3)]  # white noise: no dominant direction
-    s = tensor_stats("model.layers.0.mlp.down_proj.weight", deltas, [1, 2, 3], spectrum=8)
+    s = tensor_stats("model.layers.0.mlp.down_proj.weight", deltas, t=[1, 2, 3], spectrum=8)
     drift = sum(d * ti for d, ti in zip(deltas, [1, 2, 3], strict=True)) * (3 / 14)
     sv = torch.linalg.svdvals(drift).double().pow(2)
     for r, share in s.energy_top.items():
@@ -88,7 +90,7 @@ def test_report_validates_and_figures_show_data(tmp_path):
     from matplotlib import image
 
     run = make_run(tmp_path / "run", steps=STEPS, noise=0.05, curvature=0.2)
-    res = analyze(run.base, run.checkpoints, tmp_path / "rep")
+    res = analyze(run.base, run.checkpoints, out_dir=tmp_path / "rep")
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     jsonschema.validate(report, SCHEMA)
     assert set(res.figures) == {
@@ -157,7 +159,7 @@ def test_logprob_linearity_runs_and_scores_like_a_manual_forward(tmp_path, cli):
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.tensor([prompt + resp])).logits[0], -1)
         want += [float(logp[len(prompt) + k - 1, r]) for k, r in enumerate(resp)]
-    got = response_logprobs(run.checkpoints[-1], pairs, tok, torch.device("cpu"), batch_size=2)
+    got = response_logprobs(run.checkpoints[-1], pairs, tokenizer=tok, device=torch.device("cpu"), batch_size=2)
     assert np.allclose(got.numpy(), want, atol=1e-5)
 
 

@@ -55,7 +55,7 @@ def test_share_balances_bytes_and_covers_every_name():
 
 def test_plan_shards_follows_the_limit():
     def shards(names: list[str], sizes: dict[str, int], limit: int) -> list[list[str]]:
-        return list(plan_shards(names, sizes, limit).filename_to_tensors.values())
+        return list(plan_shards(names, sizes, limit=limit).filename_to_tensors.values())
 
     sizes = {"a": 40, "b": 40, "c": 30, "d": 200, "e": 10}
     assert shards(list(sizes), sizes, 100) == [["a", "b"], ["c"], ["d"], ["e"]]
@@ -65,12 +65,12 @@ def test_plan_shards_follows_the_limit():
 
 def test_plan_shards_names_files_and_index_like_transformers():
     sizes = {"a": 40, "b": 40, "c": 30, "d": 200, "e": 10}
-    plan = plan_shards(list(sizes), sizes, 100)
+    plan = plan_shards(list(sizes), sizes, limit=100)
     files = [f"model-0000{i}-of-00004.safetensors" for i in (1, 2, 3, 4)]
     assert list(plan.filename_to_tensors) == files
     assert plan.tensor_to_filename == {"a": files[0], "b": files[0], "c": files[1], "d": files[2], "e": files[3]}
     assert plan.metadata == {"total_size": 320} and plan.is_sharded
-    one = plan_shards(list(sizes), sizes, 10**9)
+    one = plan_shards(list(sizes), sizes, limit=10**9)
     assert list(one.filename_to_tensors) == ["model.safetensors"] and not one.is_sharded
 
 

@@ -1,4 +1,5 @@
-"""The package's shape: layers import only downward, modules form no import cycle, none grows past ~400 lines."""
+"""The package's shape: layers import only downward, modules form no import cycle, none grows past ~400 lines, and
+public functions take at most two positional arguments."""
 
 from __future__ import annotations
 
@@ -11,6 +12,19 @@ PACKAGE = Path(driftmerge.__file__).parent
 # lowest first: a module may import from its own layer and the ones before it (docs/design.md §4)
 LAYERS = ("errors", "progress", "schema", "core", "hub", "io", "evaluation", "reports", "commands", "integrations")
 MAX_LINES = 400
+MAX_POSITIONAL = 2  # after these, a public function's parameters are keyword-only (a bare ``*``)
+# Public functions whose callers, outside driftmerge's control, pass more than two arguments by position. Dunder
+# methods are exempt by rule (Python and libraries call them positionally, e.g. transformers calls the
+# LogitsProcessor ``LogitExtrapolation.__call__(input_ids, scores)``), so they need no entry here.
+_REWARD = "a verifiable reward: user code and sweep's scoring call reward(prompt, completion, answer)"
+_HOOK = "a transformers TrainerCallback hook: the Trainer calls it as hook(args, state, control, **kwargs)"
+POSITIONAL_BY_PROTOCOL = {
+    "driftmerge.evaluation.rewards:exact_number": _REWARD,
+    "driftmerge.evaluation.rewards:boxed": _REWARD,
+    "driftmerge.integrations.trl:DriftExtrapolationCallback.on_train_begin": _HOOK,
+    "driftmerge.integrations.trl:DriftExtrapolationCallback.on_step_end": _HOOK,
+    "driftmerge.integrations.trl:DriftExtrapolationCallback.on_log": _HOOK,
+}
 
 
 def _modules() -> dict[str, Path]:
@@ -70,6 +84,46 @@ def test_no_import_cycles():
 def test_no_module_is_long():
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert long == {}
+
+
+class _Functions(ast.NodeVisitor):
+    """Every function and method of a module, nested ones too, as ``(qualified.name, node)``."""
+
+    def __init__(self) -> None:
+        self.scope: list[str] = []
+        self.found: list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]] = []
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        self.found.append((".".join([*self.scope, node.name]), node))
+        self.scope.append(node.name)
+        self.generic_visit(node)
+        self.scope.pop()
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+
+def test_public_functions_take_keyword_arguments_after_the_first_two():
+    """``f(a, b, *, c, d)``: past two, arguments are named at the call, so a reordered or added parameter cannot
+    silently take another's value. Private (``_x``) and dunder functions are exempt; see POSITIONAL_BY_PROTOCOL."""
+    offenders = {}
+    for module, path in _modules().items():
+        functions = _Functions()
+        functions.visit(ast.parse(path.read_text(encoding="utf-8")))
+        for name, fn in functions.found:
+            if fn.name.startswith("_"):
+                continue
+            positional = [a.arg for a in fn.args.posonlyargs + fn.args.args if a.arg not in ("self", "cls")]
+            if len(positional) > MAX_POSITIONAL:
+                offenders[f"{module}:{name}"] = f"({', '.join(positional)}) at {path.name}:{fn.lineno}"
+    new = {k: v for k, v in offenders.items() if k not in POSITIONAL_BY_PROTOCOL}
+    assert new == {}, "put a bare * after the first two parameters (and name the rest at every call site)"
+    stale = sorted(POSITIONAL_BY_PROTOCOL.keys() - offenders.keys())
+    assert stale == [], "no longer take more than two positional parameters: drop them from POSITIONAL_BY_PROTOCOL"
 
 
 def test_the_package_exports_its_entry_points_lazily():

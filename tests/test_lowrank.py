@@ -45,8 +45,8 @@ def test_randomized_agrees_with_exact(spectrum, dtype, rank):
     for seed in range(3):
         m = SPECTRA[spectrum](seed)
         u, _, _ = torch.linalg.svd(m)
-        rnd = factorize([m], rank, [seed], "randomized", compute_dtype=dtype)[0]
-        ex = factorize([m], rank, [seed], "exact")[0]
+        rnd = factorize([m], rank, seeds=[seed], method="randomized", compute_dtype=dtype)[0]
+        ex = factorize([m], rank, seeds=[seed], method="exact")[0]
         assert rnd.rank == ex.rank == rank
         assert abs(rnd.energy - ex.energy) < 1e-3
         assert top_cos(rnd, u[:, 0]) >= 0.999
@@ -62,21 +62,21 @@ def test_flat_spectrum_iterates_longer_and_keeps_the_energy():
     for seed in range(3):
         m = torch.randn(300, 200, generator=torch.Generator().manual_seed(seed))
         for rank in (1, 4):
-            rnd = factorize([m], rank, [seed])[0]
-            ex = factorize([m], rank, [seed], "exact")[0]
+            rnd = factorize([m], rank, seeds=[seed])[0]
+            ex = factorize([m], rank, seeds=[seed], method="exact")[0]
             assert abs(rnd.energy - ex.energy) < 1e-3
             assert rnd.iterations > 2  # more than the minimum
-    planted = factorize([real_looking(300, 200, 0, noise=0.01)], 1, [0])[0]
+    planted = factorize([real_looking(300, 200, 0, noise=0.01)], 1, seeds=[0])[0]
     assert planted.iterations == 2  # a clear gap stops at the minimum
 
 
 def test_result_does_not_depend_on_batch():
     mats = [real_looking(48, 40, s) for s in range(4)]
     seeds = [matrix_seed(7, f"t{i}") for i in range(4)]
-    together = factorize(torch.stack(mats), 2, seeds)
-    pairs = factorize(mats[:2], 2, seeds[:2]) + factorize(mats[2:], 2, seeds[2:])
+    together = factorize(torch.stack(mats), 2, seeds=seeds)
+    pairs = factorize(mats[:2], 2, seeds=seeds[:2]) + factorize(mats[2:], 2, seeds=seeds[2:])
     for i in range(4):
-        alone = factorize([mats[i]], 2, seeds[i : i + 1])[0]
+        alone = factorize([mats[i]], 2, seeds=seeds[i : i + 1])[0]
         for other in (together[i], pairs[i]):  # byte for byte on the CPU
             assert torch.equal(alone.A, other.A) and torch.equal(alone.B, other.B)
             assert alone.energy == other.energy
@@ -84,9 +84,9 @@ def test_result_does_not_depend_on_batch():
 
 def test_same_seed_same_bytes_other_seed_same_answer():
     m = real_looking(120, 90, 3)
-    a, b = factorize([m], 1, [5])[0], factorize([m], 1, [5])[0]
+    a, b = factorize([m], 1, seeds=[5])[0], factorize([m], 1, seeds=[5])[0]
     assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
-    c = factorize([m], 1, [6])[0]
+    c = factorize([m], 1, seeds=[6])[0]
     assert torch.allclose(a.B @ a.A, c.B @ c.A, atol=1e-5 * float(m.abs().max()))
 
 
@@ -97,7 +97,7 @@ def test_energy_share_rule_picks_smallest_rank():
     m = (u * torch.tensor([4.0, 2.0, 1.0, 0.5])) @ v.T  # (40, 30), rank 4
     for rule, want in [(0.5, 1), (0.8, 2), (0.95, 3), (0.99, 4), (1.0, 4)]:
         for method in ("randomized", "exact"):
-            f = factorize(m[None], rule, [3], method)[0]
+            f = factorize(m[None], rule, seeds=[3], method=method)[0]
             assert f.rank == want, (rule, method)
             assert f.energy >= rule - 1e-6
 
@@ -105,24 +105,24 @@ def test_energy_share_rule_picks_smallest_rank():
 def test_energy_rule_widens_the_sketch_when_needed():
     g = torch.Generator().manual_seed(2)
     m = torch.randn(80, 70, generator=g)  # flat spectrum: 0.9 of the energy needs many directions
-    rnd = factorize(m[None], 0.9, [1], "randomized")[0]
-    ex = factorize(m[None], 0.9, [1], "exact")[0]
+    rnd = factorize(m[None], 0.9, seeds=[1], method="randomized")[0]
+    ex = factorize(m[None], 0.9, seeds=[1], method="exact")[0]
     assert rnd.rank == ex.rank > 16
     assert rnd.energy >= 0.9
 
 
 def test_select_rank_caps_and_zero():
     sq = torch.tensor([4.0, 1.0, 0.0])
-    assert select_rank(sq, 5.0, 8) == 2
-    assert select_rank(torch.zeros(3), 0.0, 0.9) == 0
-    zero = factorize(torch.zeros(1, 5, 4), 1, [0], "exact")[0]
+    assert select_rank(sq, 5.0, rule=8) == 2
+    assert select_rank(torch.zeros(3), 0.0, rule=0.9) == 0
+    zero = factorize(torch.zeros(1, 5, 4), 1, seeds=[0], method="exact")[0]
     assert zero.rank == 0
 
 
 def test_bfloat16_compute_keeps_energy():
     m = real_looking(128, 96, 5)[None]
-    f32 = factorize(m, 1, [9], "randomized")[0]
-    bf16 = factorize(m, 1, [9], "randomized", compute_dtype=torch.bfloat16)[0]
+    f32 = factorize(m, 1, seeds=[9], method="randomized")[0]
+    bf16 = factorize(m, 1, seeds=[9], method="randomized", compute_dtype=torch.bfloat16)[0]
     assert abs(f32.energy - bf16.energy) < 1e-2
 
 
@@ -133,7 +133,7 @@ def test_batched_path_freezes_each_matrix_at_its_own_iteration():
     planted = real_looking(300, 200, 0, noise=0.01)
     flat = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))
     batch = _factorize_batch(torch.stack([planted, flat]), 1, [11, 12], "randomized", 2, 8, torch.float32)
-    alone = [factorize([m], 1, [s])[0] for m, s in ((planted, 11), (flat, 12))]
+    alone = [factorize([m], 1, seeds=[s])[0] for m, s in ((planted, 11), (flat, 12))]
     assert [f.iterations for f in batch] == [f.iterations for f in alone]
     assert batch[0].iterations == 2 and batch[1].iterations > 2
     for b, a in zip(batch, alone, strict=True):

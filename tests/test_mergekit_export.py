@@ -112,7 +112,7 @@ def test_config_parses_as_mergekit_configuration():
     meta = meta_of("lsq", [100, 200])
     meta.checkpoints[1].ref = "/runs/a+b@c/checkpoint-200"
     for via, base in (("checkpoints", "/runs/base"), ("lora", "/runs/x@y/base")):
-        config = build_config(meta, 1.5, via, "/runs/adapter+1", base, "bfloat16")
+        config = build_config(meta, 1.5, via=via, adapter_dir="/runs/adapter+1", base=base, out_dtype="bfloat16")
         parsed = config_mod.MergeConfiguration.model_validate(yaml.safe_load(render_yaml(config, ["a comment"])))
         assert parsed.merge_method == "task_arithmetic" and parsed.out_dtype == "bfloat16"
         assert parsed.base_model.model.path == base and parsed.parameters == {"normalize": False, "lambda": 1.0}

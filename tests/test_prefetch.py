@@ -199,7 +199,7 @@ def test_stream_deltas_yields_the_deltas(tmp_path):
 
     def run() -> list[tuple[str, int, float]]:
         out = []
-        for name, deltas in stream_deltas(names, sources, torch.device("cpu"), 1 << 20):
+        for name, deltas in stream_deltas(names, sources, device=torch.device("cpu"), read_ahead=1 << 20):
             out += [(name, j, float(d.mean())) for j, d in deltas]
         return out
 
@@ -221,7 +221,7 @@ def test_stream_deltas_raises_on_a_key_out_of_order(tmp_path, monkeypatch):
     monkeypatch.setattr(stream_mod, "Prefetcher", Swapped)
 
     def run() -> None:
-        for _, deltas in stream_deltas(names, sources, torch.device("cpu"), 1 << 20):
+        for _, deltas in stream_deltas(names, sources, device=torch.device("cpu"), read_ahead=1 << 20):
             list(deltas)
 
     err = within(run).get("error")
@@ -234,7 +234,7 @@ def test_stream_deltas_raises_when_deltas_are_not_exhausted(tmp_path):
     names = list(sources[0].infos)[:2]
 
     def run() -> None:
-        for _name, _deltas in stream_deltas(names, sources, torch.device("cpu"), 1 << 20):
+        for _name, _deltas in stream_deltas(names, sources, device=torch.device("cpu"), read_ahead=1 << 20):
             pass  # skips the checkpoints' tensors: the next base read gets one of them
 
     err = within(run).get("error")

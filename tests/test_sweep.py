@@ -107,13 +107,13 @@ def test_alpha_one_and_zero_give_the_late_and_early_greedy_outputs(drift):
     run = drift[0]
     a, b = load_causal_lm(run.base), load_causal_lm(run.checkpoints[-1])
     tok = load_tokenizer(run.base)
-    early = generate(a, tok, PROMPTS, GREEDY)
-    late = generate(b, tok, PROMPTS, GREEDY)
+    early = generate(a, tok, prompts=PROMPTS, opts=GREEDY)
+    late = generate(b, tok, prompts=PROMPTS, opts=GREEDY)
     assert early != late  # the drift changes what the model writes
-    assert generate(b, tok, PROMPTS, GREEDY, early=a, alpha=1.0) == late
-    assert generate(b, tok, PROMPTS, GREEDY, early=a, alpha=0.0) == early
-    far = generate(b, tok, PROMPTS, GREEDY, early=a, alpha=1.5)
-    one_by_one = [generate(b, tok, [p], GREEDY, early=a, alpha=1.5)[0] for p in PROMPTS]
+    assert generate(b, tok, prompts=PROMPTS, opts=GREEDY, early=a, alpha=1.0) == late
+    assert generate(b, tok, prompts=PROMPTS, opts=GREEDY, early=a, alpha=0.0) == early
+    far = generate(b, tok, prompts=PROMPTS, opts=GREEDY, early=a, alpha=1.5)
+    one_by_one = [generate(b, tok, prompts=[p], opts=GREEDY, early=a, alpha=1.5)[0] for p in PROMPTS]
     assert far == one_by_one  # left padding and the lockstep cache line up
 
 
@@ -125,7 +125,7 @@ def test_generate_cli_writes_jsonl_and_refuses_other_tokenizers(drift, cli, tmp_
     assert code == 0, err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     tok = load_tokenizer(run.base)
-    late = generate(load_causal_lm(run.checkpoints[-1]), tok, PROMPTS, GREEDY)
+    late = generate(load_causal_lm(run.checkpoints[-1]), tok, prompts=PROMPTS, opts=GREEDY)
     assert [r["completion"] for r in rows] == [c[0] for c in late]
     assert all(r["reward"] in (0.0, 1.0) for r in rows) and "mean reward" in err
 
@@ -174,7 +174,7 @@ def test_sweep_table_png_json_and_the_in_place_completions(drift, cli, tmp_path)
     tok = load_tokenizer(run.base)
     for scale in (0.0, 1.5):
         model_dir = apply_drift(adapter, tmp_path / f"m{scale}", options=ApplyOptions(scale=scale)).out_dir
-        want = generate(load_causal_lm(model_dir), tok, PROMPTS, GREEDY)
+        want = generate(load_causal_lm(model_dir), tok, prompts=PROMPTS, opts=GREEDY)
         assert [c["completion"] for c in comps if c["scale"] == scale] == [w[0] for w in want], scale
     assert len({tuple(c["completion"] for c in comps if c["scale"] == s) for s in (0.0, 2.0)}) == 2
     best_dir = tmp_path / "best"

@@ -17,7 +17,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "toy-rlvr" / "run.py"
 
 
 def test_the_task_and_its_reward():
-    pairs = problems(50, 2, random.Random(0))
+    pairs = problems(50, 2, rng=random.Random(0))
     assert all(p.endswith("=") and int(a) == sum(map(int, p[:-1].split("+"))) for p, a in pairs)
     assert reward("57", "57") == 1.0 and reward("56", "57") == 0.0 and reward("", "57") == 0.0
 

@@ -64,6 +64,7 @@ class AnalyzeResult:
 def analyze(
     base: str | Path,
     checkpoints: Sequence[str | Path],
+    *,
     out_dir: str | Path,
     options: AnalyzeOptions | None = None,
     overwrite: bool = False,
@@ -76,10 +77,10 @@ def analyze(
     if not checkpoints:
         raise InputError("give at least one checkpoint after the base (or an adapter folder alone)")
     device = resolve_device(opts.device)
-    base_ck, cks, steps, _ = open_run(base, checkpoints, opts.steps, opts.base_step)
+    base_ck, cks, steps, _ = open_run(base, checkpoints, steps=opts.steps, base_step=opts.base_step)
     out_dir = Path(out_dir)
     inputs = [base_ck.path, *(c.path for c in cks)]
-    check_output_dir(out_dir, inputs, overwrite)
+    check_output_dir(out_dir, inputs, overwrite=overwrite)
     pairs = _read_pairs(Path(opts.logprobs)) if opts.logprobs else None
 
     arch = describe(base_ck.config, {n: i.shape for n, i in base_ck.infos.items()})
@@ -88,13 +89,23 @@ def analyze(
     stats: list[TensorStats] = []
     read_ahead = min(opts.max_memory // 4, 1 << 30)
     sources = [base_ck, *cks]
-    for done, (name, deltas) in enumerate(stream_deltas(names, sources, device, read_ahead), 1):
+    for done, (name, deltas) in enumerate(stream_deltas(names, sources, device=device, read_ahead=read_ahead), 1):
         ds = []
         for j, d in deltas:
             if not bool(torch.isfinite(torch.linalg.vector_norm(d))):
-                raise_not_finite(name, base_ck, sources[j])
+                raise_not_finite(name, base_ck, ckpt=sources[j])
             ds.append(d)
-        stats.append(tensor_stats(name, ds, t, opts.sample_frac, opts.spectrum, opts.min_move, opts.seed))
+        stats.append(
+            tensor_stats(
+                name,
+                ds,
+                t=t,
+                sample_frac=opts.sample_frac,
+                spectrum=opts.spectrum,
+                min_move=opts.min_move,
+                seed=opts.seed,
+            )
+        )
         del ds
         if progress:
             progress(done, len(names), name)
@@ -103,7 +114,7 @@ def analyze(
     if pairs is not None:
         from driftmerge.evaluation.logprobs import logprob_linearity  # transformers: only when asked
 
-        logprobs = logprob_linearity(base_ck.path, [c.path for c in cks], pairs, t, opts, device)
+        logprobs = logprob_linearity(base_ck.path, [c.path for c in cks], pairs=pairs, t=t, opts=opts, device=device)
     refs = {
         "source": "checkpoints",
         "base": str(base_ck.path.absolute()),
@@ -116,11 +127,11 @@ def analyze(
         "seed": opts.seed,
         "logprob_min_move": opts.logprob_min_move if pairs is not None else None,
     }
-    report = build_report(stats, steps, opts.base_step, refs, settings, logprobs)
+    report = build_report(stats, steps, base_step=opts.base_step, refs=refs, settings=settings, logprobs=logprobs)
     return _write(report, stats, out_dir, inputs, overwrite)
 
 
-def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> AnalyzeResult:
+def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> AnalyzeResult:
     """Render what ``extract`` recorded in an adapter's ``driftmerge.json`` (pooled R², kept energy, drift norms).
 
     Without the checkpoints there is no per-element R², no per-checkpoint norm and no direction stability; group
@@ -130,7 +141,7 @@ def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: boo
     adapter = read_adapter(adapter_dir)
     meta = adapter.meta
     out_dir = Path(out_dir)
-    check_output_dir(out_dir, [Path(adapter_dir)], overwrite)
+    check_output_dir(out_dir, [Path(adapter_dir)], overwrite=overwrite)
     stats = []
     for name, rec in meta.tensors.items():
         norm = rec.drift_norm
@@ -165,7 +176,7 @@ def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: boo
         "seed": meta.seed,
         "logprob_min_move": None,
     }
-    report = build_report(stats, steps, meta.base_step, refs, settings)
+    report = build_report(stats, steps, base_step=meta.base_step, refs=refs, settings=settings)
     report["checkpoints"] = [c.model_dump() for c in meta.checkpoints]
     return _write(report, stats, out_dir, [Path(adapter_dir)], overwrite)
 
@@ -173,8 +184,8 @@ def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, overwrite: boo
 def _write(
     report: dict[str, Any], stats: list[TensorStats], out_dir: Path, inputs: list[Path], overwrite: bool
 ) -> AnalyzeResult:
-    with atomic_output_dir(out_dir, inputs, overwrite) as tmp:
-        figures = draw_figures(report, stats, tmp)
+    with atomic_output_dir(out_dir, inputs, overwrite=overwrite) as tmp:
+        figures = draw_figures(report, stats, out=tmp)
         write_json(report, tmp / "report.json")
         (tmp / "report.md").write_text(markdown(report, figures))
     return AnalyzeResult(out_dir=out_dir, report=report, figures=figures)
@@ -183,5 +194,5 @@ def _write(
 def _read_pairs(path: Path) -> list[dict[str, str]]:
     return [
         {"prompt": r["prompt"], "response": r["response"]}
-        for _, r in read_records(path, ("prompt", "response"), "prompt/response pairs")
+        for _, r in read_records(path, ("prompt", "response"), what="prompt/response pairs")
     ]

@@ -81,19 +81,36 @@ def apply_drift(
         out_dtype = DTYPES.get(dtype)
         names = list(base_ck.infos)  # file order, so shards read sequentially
         sizes = {n: out_bytes(base_ck.infos[n], out_dtype) for n in names}
-        plan = plan_shards(names, sizes, shard_limit)
+        plan = plan_shards(names, sizes, limit=shard_limit)
         tmp = None
         if dist.is_main:
-            tmp = stack.enter_context(atomic_output_dir(Path(out_dir), [base_ck.path, adapter_dir], overwrite))
+            tmp = stack.enter_context(
+                atomic_output_dir(Path(out_dir), [base_ck.path, adapter_dir], overwrite=overwrite)
+            )
         tmp = dist.broadcast(tmp)
         assert tmp is not None  # rank 0's folder
         files = shard_bytes(plan, sizes)
         mine = dist.share(list(files), files)
         deltas = delta_sources(adapter)  # tensor name -> callable giving the float32 drift
-        dist.run(lambda: write_shards(base_ck, deltas, scale, out_dtype, plan, mine, tmp, progress))
+        dist.run(
+            lambda: write_shards(
+                base_ck, deltas, scale=scale, out_dtype=out_dtype, plan=plan, mine=mine, tmp=tmp, progress=progress
+            )
+        )
         if dist.is_main:
             dist.run(
-                lambda: finish_model(base_ck, plan, tmp, dtype, out_dtype, adapter_ref, meta, scale, step, command)
+                lambda: finish_model(
+                    base_ck,
+                    plan,
+                    tmp=tmp,
+                    dtype=dtype,
+                    out_dtype=out_dtype,
+                    adapter_ref=adapter_ref,
+                    meta=meta,
+                    scale=scale,
+                    step=step,
+                    command=command,
+                )
             )
         else:
             dist.agree(None)
@@ -106,7 +123,7 @@ def _open_checked(
     adapter: Adapter, adapter_dir: Path, base: str | Path | None, out_dir: Path, overwrite: bool
 ) -> Checkpoint:
     base_ck = open_base(adapter, base)
-    check_output_dir(out_dir, [base_ck.path, adapter_dir], overwrite)
+    check_output_dir(out_dir, [base_ck.path, adapter_dir], overwrite=overwrite)
     return base_ck
 
 
@@ -126,12 +143,14 @@ def _write_scaled_adapter(
     config = peft_config(
         adapter.modules,
         adapter.config.get("base_model_name_or_path", ""),
-        adapter.meta.fan_in_fan_out,
-        scale,
+        fan_in_fan_out=adapter.meta.fan_in_fan_out,
+        scale=scale,
     )
     extras = {k: v * scale for k, v in adapter.extras.items()}
-    with atomic_output_dir(out_dir, [adapter_dir], overwrite) as tmp:
-        write_adapter(tmp, adapter.modules, extras, meta, config, adapter_card(meta, meta.summary))
+    with atomic_output_dir(out_dir, [adapter_dir], overwrite=overwrite) as tmp:
+        write_adapter(
+            tmp, adapter.modules, extras=extras, meta=meta, config=config, card=adapter_card(meta, meta.summary)
+        )
         written = sum(f.stat().st_size for f in tmp.iterdir())
     n = len(adapter.modules) + len(extras)
     return ApplyResult(out_dir, scale, step, n, n, 1, written)

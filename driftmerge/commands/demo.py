@@ -64,8 +64,11 @@ def run_demo(folder: str | Path, progress: Progress | None = None) -> DemoReport
         command=f"driftmerge apply driftmerge-adapter --scale {DEMO_SCALE}",
     )
     at_one = apply_drift(adapter, folder / "model-scale-1", options=ApplyOptions(scale=1.0), progress=progress)
-    problems = held_out(cfg["eval_size"], cfg["digits"], cfg["seed"])
+    problems = held_out(cfg["eval_size"], cfg["digits"], seed=cfg["seed"])
     tok = load_tokenizer(run / "base")
     models = {"base": run / "base", "last": cks[-1], "rank1": at_one.out_dir, "extrapolated": applied.out_dir}
-    acc = {k: accuracy(load_causal_lm(p), tok, problems, max_new_tokens(cfg["digits"])) for k, p in models.items()}
+    acc = {
+        k: accuracy(load_causal_lm(p), tok, pairs=problems, max_new_tokens=max_new_tokens(cfg["digits"]))
+        for k, p in models.items()
+    }
     return DemoReport(folder, extracted, applied, acc, len(problems))

@@ -81,8 +81,11 @@ class Dist:
             if error is not None:
                 raise error
             return
-        status = None if error is None else (str(error).splitlines()[0] if str(error) else type(error).__name__,
-                                            getattr(error, "exit_code", 1))  # fmt: skip
+        status = (
+            None
+            if error is None
+            else (str(error).splitlines()[0] if str(error) else type(error).__name__, getattr(error, "exit_code", 1))
+        )
         everyone = self.gather(status)
         if error is not None:
             raise error

@@ -92,7 +92,7 @@ def model_ref(path: str, lora: str | None = None) -> str | dict[str, Any]:
 
 
 def build_config(
-    meta: DriftMeta, scale: float, via: str, adapter_dir: str, base: str, out_dtype: str
+    meta: DriftMeta, scale: float, *, via: str, adapter_dir: str, base: str, out_dtype: str
 ) -> dict[str, Any]:
     """The mergekit config (its ``MergeConfiguration`` schema) for ``W0 + scale · drift``; paths absolute."""
     if via == "checkpoints":
@@ -155,8 +155,9 @@ def render_yaml(config: dict[str, Any], comments: list[str]) -> str:
     return "".join(f"# {line}\n" for line in head) + body
 
 
-def header(meta: DriftMeta, adapter_dir: str, scale: float, step: float, via: str, config_file: Path,
-           command: str | None) -> list[str]:  # fmt: skip
+def header(
+    meta: DriftMeta, adapter_dir: str, *, scale: float, step: float, via: str, config_file: Path, command: str | None
+) -> list[str]:
     """The comment lines that open the file: how it was made, how to run it, what it reproduces."""
     how = {
         "checkpoints": f"task_arithmetic over the {meta.fit} fit's checkpoints: W = W0 + Σ w_i (W_i − W0)",
@@ -186,6 +187,7 @@ def header(meta: DriftMeta, adapter_dir: str, scale: float, step: float, via: st
 def export_mergekit(
     adapter_dir: str | Path,
     out_file: str | Path = DEFAULT_OUTPUT,
+    *,
     scale: float | None = None,
     step: float | None = None,
     via: str = "checkpoints",
@@ -217,9 +219,9 @@ def export_mergekit(
     inputs = _check_inputs(adapter, via, Path(base).absolute() if base is not None else None)
     _check_not_inside(out_file, [adapter_path, *inputs])
     out_dtype = dtype if dtype != "auto" else (meta.storage_dtype or "float32")
-    config = build_config(meta, scale, via, str(adapter_path), str(inputs[0]), out_dtype)
-    comments = header(meta, str(adapter_path), scale, step, via, out_file, command)
-    write_text_atomic(out_file, render_yaml(config, comments), overwrite, "the config")
+    config = build_config(meta, scale, via=via, adapter_dir=str(adapter_path), base=str(inputs[0]), out_dtype=out_dtype)
+    comments = header(meta, str(adapter_path), scale=scale, step=step, via=via, config_file=out_file, command=command)
+    write_text_atomic(out_file, render_yaml(config, comments), overwrite=overwrite, what="the config")
     models = [(_display(m["model"]), m["parameters"]["weight"]) for m in config["models"]]
     return ExportResult(out_file, via, scale, step, models, fidelity_notes(meta, via), mergekit_command(out_file, via))
 

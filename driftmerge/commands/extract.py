@@ -117,9 +117,9 @@ class _Part:
 def _prepare(
     base: str | Path, checkpoints: Sequence[str | Path], out_dir: str | Path, opts: ExtractOptions, overwrite: bool
 ) -> _Job:
-    base_ck, cks, steps, source = open_run(base, checkpoints, opts.steps, opts.base_step)
+    base_ck, cks, steps, source = open_run(base, checkpoints, steps=opts.steps, base_step=opts.base_step)
     out = Path(out_dir)
-    check_output_dir(out, [base_ck.path, *(c.path for c in cks)], overwrite)  # fail before the long pass
+    check_output_dir(out, [base_ck.path, *(c.path for c in cks)], overwrite=overwrite)  # fail before the long pass
     arch = describe(base_ck.config, {n: i.shape for n, i in base_ck.infos.items()})
     names = _select(base_ck, opts, arch)
     if not names:
@@ -203,13 +203,24 @@ def _write(
     if not modules and not extras:
         raise InputError("the checkpoints do not move any fitted tensor away from the base; check --include/--exclude")
 
-    meta = build_meta(base_ck, cks, job.steps, job.source, opts, device, job.factor_dtype, job.arch, records, command)
+    meta = build_meta(
+        base_ck,
+        cks,
+        steps=job.steps,
+        source=job.source,
+        opts=opts,
+        device=device,
+        factor_dtype=job.factor_dtype,
+        arch=job.arch,
+        records=records,
+        command=command,
+    )
     summary = meta.summary
     base_name = base_ck.hub["repo_id"] if base_ck.hub else str(base_ck.path.absolute())  # where PEFT finds the base
-    config = peft_config(modules, base_name, job.arch.fan_in_fan_out)
+    config = peft_config(modules, base_name, fan_in_fan_out=job.arch.fan_in_fan_out)
     inputs = [base_ck.path, *(c.path for c in cks)]
-    with atomic_output_dir(job.out_dir, inputs, overwrite) as tmp:
-        write_adapter(tmp, modules, extras, meta, config, adapter_card(meta, summary))
+    with atomic_output_dir(job.out_dir, inputs, overwrite=overwrite) as tmp:
+        write_adapter(tmp, modules, extras=extras, meta=meta, config=config, card=adapter_card(meta, summary))
         summary.adapter_bytes = sum(f.stat().st_size for f in tmp.iterdir())
     return ExtractResult(out_dir=job.out_dir, meta=meta, summary=summary)
 
@@ -248,11 +259,11 @@ def _stream_fits(
     stats: dict[str, float],
 ) -> Iterator[tuple[str, TensorFit]]:
     """Yield ``(name, fit)`` per tensor name, from deltas streamed by :func:`stream_deltas`."""
-    for name, deltas in stream_deltas(names, sources, device, read_ahead, stats):
+    for name, deltas in stream_deltas(names, sources, device=device, read_ahead=read_ahead, stats=stats):
         acc = LineAccumulator(t, fit)
         for j, delta in deltas:
             if not math.isfinite(acc.add(delta)):  # NaN/Inf in the base or this checkpoint propagate into ‖D‖²
-                raise_not_finite(name, sources[0], sources[j])
+                raise_not_finite(name, sources[0], ckpt=sources[j])
         yield name, acc.finish()
 
 

@@ -56,7 +56,7 @@ def flag_name(model: type[BaseModel], name: str) -> str:
     return flag.name if flag is not None else name
 
 
-def flag_args(values: BaseModel, model: type[BaseModel], names: Iterable[str] | None = None) -> list[str]:
+def flag_args(values: BaseModel, model: type[BaseModel], *, names: Iterable[str] | None = None) -> list[str]:
     """``values``' fields of ``model`` (all, or ``names``) as command-line arguments, in field order, leaving out
     those at their default (the type counts: rank 1.0, a share, is not rank 1)."""
     out: list[str] = []

@@ -15,6 +15,7 @@ from driftmerge.io.outputs import check_output_file, write_text_atomic
 def extrapolated_completions(
     early: str,
     late: str,
+    *,
     alpha: float,
     prompts: str | Path,
     sampling: dict[str, Any],
@@ -45,7 +46,7 @@ def extrapolated_completions(
     if not same_vocabulary(tok_a, tok_b):
         raise InputError(f"{early} and {late} have different tokenizers; logit extrapolation needs one vocabulary")
     model_a, model_b = load_causal_lm(early_path, dev), load_causal_lm(late_path, dev)
-    texts = generate(model_b, tok_b, [r["prompt"] for r in records], opts, early=model_a, alpha=alpha)
+    texts = generate(model_b, tok_b, prompts=[r["prompt"] for r in records], opts=opts, early=model_a, alpha=alpha)
     rows = []
     for p, (rec, ts) in enumerate(zip(records, texts, strict=True)):
         for k, t in enumerate(ts):
@@ -54,7 +55,9 @@ def extrapolated_completions(
                 row["reward"] = float(score(rec["prompt"], t, rec.get("answer")))
             rows.append(row)
     if out is not None:
-        write_text_atomic(Path(out), "".join(json.dumps(r) + "\n" for r in rows), overwrite, "the completions")
+        write_text_atomic(
+            Path(out), "".join(json.dumps(r) + "\n" for r in rows), overwrite=overwrite, what="the completions"
+        )
     summary = ""
     if score is not None:
         rewards = [r["reward"] for r in rows]

@@ -180,7 +180,7 @@ class RunDirSelection(OptionsModel):
     def select(self) -> tuple[list[Found], list[Found]]:
         """The checkpoints taken, and all those found in the run folder, in step order."""
         found = discover(self.path)
-        return select(found, self.every, self.last, self.steps_range), found
+        return select(found, every=self.every, last=self.last, steps_range=self.steps_range), found
 
 
 class ExtractOptions(OptionsModel):

@@ -180,7 +180,7 @@ def _options_line(
     """``driftmerge NAME INPUTS... [options] -o OUTPUT [options]``, with only the options the stage changes from
     their defaults, in the order ``--help`` lists them."""
     before, after = split_at_output(model)
-    args = [name, *inputs, *flag_args(stage, model, before), "-o", output, *flag_args(stage, model, after)]
+    args = [name, *inputs, *flag_args(stage, model, names=before), "-o", output, *flag_args(stage, model, names=after)]
     return _command(args, stage.overwrite, stage.push_to_hub, stage.hub_private)
 
 
@@ -204,7 +204,7 @@ StageRunner = Callable[[int, int, Stage], StageResult]
 
 
 def run_recipe(
-    recipe: Recipe, progress: Progress | None = None, command: str | None = None, each: StageRunner | None = None
+    recipe: Recipe, *, progress: Progress | None = None, command: str | None = None, each: StageRunner | None = None
 ) -> list[StageResult]:
     """Check the recipe's outputs and tokens (:func:`preflight`), then run every stage in order; ``command`` (e.g.
     ``driftmerge run recipes/x.yaml``) goes in the model cards. ``each(i, n, stage)``, when given, runs stage ``i``
@@ -234,7 +234,7 @@ def preflight(recipe: Recipe) -> None:
 
 def _check_output(stage: str, out: str, overwrite: bool, inputs: list[Path]) -> None:
     try:
-        check_output_dir(Path(out), inputs, overwrite)
+        check_output_dir(Path(out), inputs, overwrite=overwrite)
     except OutputError as exc:
         msg = str(exc).replace("pass --overwrite", f"set {stage}.overwrite: true in the recipe")
         raise OutputError(msg.replace("choose another -o", f"change {stage}.output")) from None

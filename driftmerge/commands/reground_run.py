@@ -38,6 +38,7 @@ class Window:
 
 def reground_run_dir(
     run_dir: str | Path,
+    *,
     every: int,
     jump: int,
     base: str | Path | None = None,

@@ -62,6 +62,7 @@ class SweepOptions:
 def run_sweep(
     adapter: str | Path,
     prompts: str | Path | None,
+    *,
     opts: SweepOptions,
     base: str | Path | None = None,
     progress: Progress | None = None,
@@ -88,9 +89,9 @@ def run_sweep(
     runner = _weights_runner if opts.mode == "weights" else _logits_runner
     rows, completions = [], []
     for i, (scale, texts) in enumerate(runner(adapter, base, records, opts)):
-        rewards = [[score(reward, rec, t) for t in ts] for rec, ts in zip(records, texts, strict=True)]
+        rewards = [[score(reward, rec, completion=t) for t in ts] for rec, ts in zip(records, texts, strict=True)]
         step = step_for_scale(scale, **steps)
-        rows.append(summarize(scale, step, rewards))
+        rows.append(summarize(scale, step, rewards=rewards))
         completions += [
             {"scale": scale, "prompt": p, "sample": k, "completion": t, "reward": r}
             for p, (ts, rs) in enumerate(zip(texts, rewards, strict=True))
@@ -115,7 +116,7 @@ def _weights_runner(
     prompts = [r["prompt"] for r in records]
     for scale in opts.scales:
         drifted.set_scale(scale)
-        yield scale, generate(drifted.model, tok, prompts, opts.sampling)
+        yield scale, generate(drifted.model, tok, prompts=prompts, opts=opts.sampling)
 
 
 def _logits_runner(
@@ -134,7 +135,7 @@ def _logits_runner(
     tok = load_tokenizer(late.base.path)
     prompts = [r["prompt"] for r in records]
     for alpha in opts.scales:
-        yield alpha, generate(late.model, tok, prompts, opts.sampling, early=early, alpha=alpha)
+        yield alpha, generate(late.model, tok, prompts=prompts, opts=opts.sampling, early=early, alpha=alpha)
 
 
 def _sweep_external(
@@ -150,7 +151,7 @@ def _sweep_external(
         with tempfile.TemporaryDirectory(prefix="driftmerge-sweep-") as tmp:
             options = ApplyOptions(scale=scale, base=None if base is None else str(base))
             applied = apply_drift(adapter, Path(tmp) / "model", options=options)
-            mean, se = run_eval_cmd(opts.eval_cmd, applied.out_dir, scale)
+            mean, se = run_eval_cmd(opts.eval_cmd, applied.out_dir, scale=scale)
         rows.append(ScaleResult(scale, applied.step, mean, se, 0))
         if progress:
             progress(i + 1, len(opts.scales), f"scale {scale:g}: reward {mean:.3f}")

@@ -19,6 +19,6 @@ def step_for_scale(scale: float, *, base_step: float, s_ref: float) -> float:
     return base_step + scale * (s_ref - base_step)
 
 
-def moved(w0: torch.Tensor, drift: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def moved(w0: torch.Tensor, drift: torch.Tensor, *, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """``W = W0 + scale · drift`` in float32, stored as ``dtype``: the one formula every writer uses."""
     return (w0.float() + scale * drift).to(dtype)

@@ -33,7 +33,7 @@ class GroupFactorizer:
         self.batches = 0
         self.seconds = 0.0
 
-    def add(self, name: str, matrix: torch.Tensor, transposed: bool = False) -> None:
+    def add(self, name: str, matrix: torch.Tensor, *, transposed: bool = False) -> None:
         """Queue ``matrix`` (contiguous); ``transposed``: the factors wanted are those of ``matrixᵀ``."""
         if transposed:
             self.transposed.add(name)
@@ -52,8 +52,11 @@ class GroupFactorizer:
         its = [f.iterations for f in self.done.values()]
         logger.info(
             "factorized %d matrices in %d batches; power iterations %d to %d",
-            len(self.done), self.batches, min(its, default=0), max(its, default=0),
-        )  # fmt: skip
+            len(self.done),
+            self.batches,
+            min(its, default=0),
+            max(its, default=0),
+        )
         return self.done
 
     def _run(self, shape: tuple[int, int]) -> None:
@@ -63,7 +66,15 @@ class GroupFactorizer:
         names, mats = [n for n, _ in group], [m for _, m in group]
         del group
         seeds = [matrix_seed(o.seed, n) for n in names]
-        factors = factorize(mats, o.rank, seeds, o.svd, o.niter, o.oversample, self.compute_dtype)
+        factors = factorize(
+            mats,
+            o.rank,
+            seeds=seeds,
+            method=o.svd,
+            niter=o.niter,
+            oversample=o.oversample,
+            compute_dtype=self.compute_dtype,
+        )
         for name, f in zip(names, factors, strict=True):
             if name in self.transposed:  # M = B A, so Mᵀ = Aᵀ Bᵀ: factorized in the stored (fast) layout
                 f = Factor(B=f.A.T.contiguous(), A=f.B.T.contiguous(), energy=f.energy, iterations=f.iterations)

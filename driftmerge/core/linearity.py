@@ -68,6 +68,7 @@ def layer_of(name: str) -> int | None:
 def tensor_stats(
     name: str,
     deltas: Sequence[torch.Tensor],
+    *,
     t: Sequence[float],
     sample_frac: float = 1e-3,
     spectrum: int = 8,
@@ -95,8 +96,13 @@ def tensor_stats(
     drift_norm = math.sqrt(max(drift_sq, 0.0))
     gt = gram @ tt  # (N,) ⟨D_i, Σ_j t_j D_j⟩
     projection = [float(alpha * x / drift_norm) if drift_norm > 0 else 0.0 for x in gt]
-    ss_tot, ss_res = pooled_sums(t, sum_sq_norms=float(gram.trace()), sq_norm_sum=float(ones @ gram @ ones),
-                                 sq_norm_tsum=float(tt @ gt), dot_tsum_sum=float(gt.sum()))  # fmt: skip
+    ss_tot, ss_res = pooled_sums(
+        t,
+        sum_sq_norms=float(gram.trace()),
+        sq_norm_sum=float(ones @ gram @ ones),
+        sq_norm_tsum=float(tt @ gt),
+        dot_tsum_sum=float(gt.sum()),
+    )
 
     stats = TensorStats(
         name=name,
@@ -112,17 +118,17 @@ def tensor_stats(
     )
     gen_seed = matrix_seed(seed, name)
     if n_ck >= 2:
-        stats.elem_r2, stats.elem_sampled = element_r2(flat, t, sample_frac, min_move, gen_seed)
+        stats.elem_r2, stats.elem_sampled = element_r2(flat, t, frac=sample_frac, min_move=min_move, seed=gen_seed)
     if deltas[0].dim() == 2 and drift_norm > 0 and spectrum > 0:
         drift = torch.zeros_like(deltas[0])  # (m, n) the lsq drift
         for d, tj in zip(deltas, t, strict=True):
             drift.add_(d, alpha=alpha * float(tj))
-        stats.energy_top = energy_spectrum(drift, spectrum, gen_seed)
+        stats.energy_top = energy_spectrum(drift, spectrum, seed=gen_seed)
     return stats
 
 
 def element_r2(
-    flat: Sequence[torch.Tensor], t: Sequence[float], frac: float, min_move: float, seed: int
+    flat: Sequence[torch.Tensor], t: Sequence[float], *, frac: float, min_move: float, seed: int
 ) -> tuple[list[float], int]:
     """Per-element R² on a seeded sample; returns (R² of the elements that move, number sampled)."""
     numel = flat[0].numel()
@@ -142,7 +148,7 @@ def element_r2(
     return r2[moving].clamp(0.0, 1.0).tolist(), count
 
 
-def energy_spectrum(matrix: torch.Tensor, k: int, seed: int) -> dict[int, float]:
+def energy_spectrum(matrix: torch.Tensor, k: int, *, seed: int) -> dict[int, float]:
     """Share of ``‖M‖_F²`` in the top r singular values, for r = 1, 2, 4, … up to ``k`` (and ``k`` itself)."""
     m, n = matrix.shape
     k = min(k, m, n)
@@ -150,7 +156,7 @@ def energy_spectrum(matrix: torch.Tensor, k: int, seed: int) -> dict[int, float]
     if k + 8 >= min(m, n):
         sv = torch.linalg.svdvals(matrix.float())[:k]
     else:
-        _, sv, _, _ = randomized_svd(matrix[None].float(), k + 8, [seed], niter=2, track=k)
+        _, sv, _, _ = randomized_svd(matrix[None].float(), k + 8, seeds=[seed], niter=2, track=k)
         sv = sv[0, :k]
     cum = torch.cumsum(sv.double().pow(2), 0) / total  # (k,)
     ranks = sorted({*(2**i for i in range(k.bit_length()) if 2**i <= k), k})

@@ -46,7 +46,7 @@ def matrix_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def select_rank(sq_sv: torch.Tensor, total: float, rule: int | float) -> int:
+def select_rank(sq_sv: torch.Tensor, total: float, *, rule: int | float) -> int:
     """Rank for singular values squared ``sq_sv`` (descending) of a matrix whose ‖M‖_F² is ``total``."""
     if total <= 0:
         return 0
@@ -82,6 +82,7 @@ def _qt_m(qt: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
 def randomized_svd(
     mats: torch.Tensor,
     k: int,
+    *,
     seeds: Sequence[int],
     niter: int = 2,
     compute_dtype: torch.dtype | None = None,
@@ -144,6 +145,7 @@ def randomized_svd(
 def factorize(
     mats: Sequence[torch.Tensor],
     rule: int | float,
+    *,
     seeds: Sequence[int],
     method: str = "randomized",
     niter: int = 2,
@@ -197,11 +199,13 @@ def _factorize_batch(
             iters = [0] * b
             exact = True
         else:
-            u, s, vh, iters = randomized_svd(mats, k, seeds, niter, compute_dtype, k_want, norms_sq)
+            u, s, vh, iters = randomized_svd(
+                mats, k, seeds=seeds, niter=niter, compute_dtype=compute_dtype, track=k_want, totals=norms_sq
+            )
             u, s, vh = u[..., :k_want], s[..., :k_want], vh[..., :k_want, :]
             exact = False
         sq = s.double().pow(2)  # (b, k)
-        ranks = [select_rank(sq[i], totals[i], rule) for i in range(b)]
+        ranks = [select_rank(sq[i], totals[i], rule=rule) for i in range(b)]
         if (
             exact
             or not isinstance(rule, float)

@@ -36,7 +36,7 @@ class Jump:
     tensors: int  # parameters moved
 
 
-def jump_scale(every: int, jump: int | None, scale: float | None, window: int) -> float:
+def jump_scale(every: int, jump: int | None, *, scale: float | None, window: int) -> float:
     """The settings checked, and the scale of the window's drift to move to: ``(M + N) / M`` or ``scale``."""
     if every < 1 or window < 1 or every % window:
         raise ValueError(f"every ({every}) must be a positive multiple of window ({window})")
@@ -65,7 +65,7 @@ class Regrounder:
         snapshot_device: str | torch.device = "cpu",
     ):
         self.params, self.every, self.window = params, every, window
-        self.scale = jump_scale(every, jump, scale, window)
+        self.scale = jump_scale(every, jump, scale=scale, window=window)
         self.fit, self.rank, self.seed, self.factor_dtype = fit, rank, seed, factor_dtype
         self.device = torch.device(snapshot_device)
         self.t = [float(every // window * (k + 1)) for k in range(window)]  # snapshot steps within a window
@@ -105,13 +105,20 @@ class Regrounder:
                 sq = float(drift.pow(2).sum())
                 total += sq
                 if self.rank is not None and sq > 0.0:
-                    (f,) = factorize([drift], self.rank, [matrix_seed(self.seed, n)], "randomized", 2, 8,
-                                     self.factor_dtype)  # fmt: skip
+                    (f,) = factorize(
+                        [drift],
+                        self.rank,
+                        seeds=[matrix_seed(self.seed, n)],
+                        method="randomized",
+                        niter=2,
+                        oversample=8,
+                        compute_dtype=self.factor_dtype,
+                    )
                     drift = f.B @ f.A  # (m, n), the weight's own layout
                     kept += f.energy * sq
                 else:
                     kept += sq
-            p.copy_(moved(self.w_start[n], drift, self.scale, p.dtype).to(p.device))
+            p.copy_(moved(self.w_start[n], drift, scale=self.scale, dtype=p.dtype).to(p.device))
         energy = kept / total if total > 0 else 1.0
         median = statistics.median(r2s) if r2s else None
         return Jump(step, self.scale, median, min(energy, 1.0), len(self.params))

@@ -108,13 +108,19 @@ class LineAccumulator:
         # two norms and a dot product, no temporaries of the tensor's size; Σ t_i D_i = t_1 · _sum_td
         td, d = self._sum_td.reshape(-1), self._sum_d.reshape(-1)
         t1 = self.t[0]
-        sums = pooled_sums(self.t, sum_sq_norms=self._sum_sq, sq_norm_sum=_sq_norm(d),
-                           sq_norm_tsum=t1 * t1 * _sq_norm(td), dot_tsum_sum=t1 * _dot(td, d))  # fmt: skip
+        sums = pooled_sums(
+            self.t,
+            sum_sq_norms=self._sum_sq,
+            sq_norm_sum=_sq_norm(d),
+            sq_norm_tsum=t1 * t1 * _sq_norm(td),
+            dot_tsum_sum=t1 * _dot(td, d),
+        )
         return pooled_r2(*sums)
 
 
-def pooled_sums(t: Sequence[float], *, sum_sq_norms: float, sq_norm_sum: float, sq_norm_tsum: float,
-                dot_tsum_sum: float) -> tuple[float, float]:  # fmt: skip
+def pooled_sums(
+    t: Sequence[float], *, sum_sq_norms: float, sq_norm_sum: float, sq_norm_tsum: float, dot_tsum_sum: float
+) -> tuple[float, float]:
     """``(Σ_e SS_tot,e, Σ_e SS_res,e)`` of the per-element least-squares lines with intercept through the base
     ``(0, 0)`` and the checkpoints ``(t_i, D_i)``, n = N + 1 points, from running sums over the checkpoints:
     ``sum_sq_norms = Σ ‖D_i‖²``, ``sq_norm_sum = ‖Σ D_i‖²``, ``sq_norm_tsum = ‖Σ t_i D_i‖²``,

@@ -20,7 +20,7 @@ def max_new_tokens(digits: int) -> int:
     return digits + 2
 
 
-def problems(n: int, digits: int, rng: random.Random) -> list[tuple[str, str]]:
+def problems(n: int, digits: int, *, rng: random.Random) -> list[tuple[str, str]]:
     """``n`` prompts ``"a+b="`` with their answers, operands of 1..digits digits."""
     out = []
     for _ in range(n):
@@ -29,9 +29,9 @@ def problems(n: int, digits: int, rng: random.Random) -> list[tuple[str, str]]:
     return out
 
 
-def held_out(n: int, digits: int, seed: int) -> list[tuple[str, str]]:
+def held_out(n: int, digits: int, *, seed: int) -> list[tuple[str, str]]:
     """The run's held-out problems: the same ``n`` for a seed, never drawn by training (its own generator)."""
-    return problems(n, digits, random.Random(10_000 + seed))
+    return problems(n, digits, rng=random.Random(10_000 + seed))
 
 
 def reward(completion: str, answer: str) -> float:
@@ -40,20 +40,21 @@ def reward(completion: str, answer: str) -> float:
 
 
 @torch.no_grad()
-def sample(model: Any, tok: Any, prompts: list[str], n: int, greedy: bool, max_new_tokens: int) -> list[list[str]]:
+def sample(model: Any, tok: Any, *, prompts: list[str], n: int, greedy: bool, max_new_tokens: int) -> list[list[str]]:
     """``n`` completions per prompt (greedy, or temperature 1 sampling from the global generator)."""
     enc = tok([p for p in prompts for _ in range(n)], return_tensors="pt", padding=True, add_special_tokens=False)
     knobs = {"do_sample": not greedy, "temperature": None if greedy else 1.0, "top_p": None, "top_k": None}
-    out = model.generate(**enc, **knobs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id)  # fmt: skip
+    out = model.generate(
+        **enc, **knobs, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+    )
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
-def accuracy(model: Any, tok: Any, pairs: list[tuple[str, str]], max_new_tokens: int) -> float:
+def accuracy(model: Any, tok: Any, *, pairs: list[tuple[str, str]], max_new_tokens: int) -> float:
     """Greedy accuracy on ``pairs``."""
     model.eval()
-    got = sample(model, tok, [p for p, _ in pairs], 1, True, max_new_tokens)
+    got = sample(model, tok, prompts=[p for p, _ in pairs], n=1, greedy=True, max_new_tokens=max_new_tokens)
     return sum(reward(g[0], a) for g, (_, a) in zip(got, pairs, strict=True)) / len(pairs)
 
 

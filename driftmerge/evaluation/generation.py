@@ -49,7 +49,7 @@ class SamplingOptions:
 
 def read_prompts(path: str | Path, need_answer: bool = False) -> list[dict[str, Any]]:
     """JSON lines, one ``{"prompt": ..., "answer": ...}`` record each (``answer`` needed by the built-in rewards)."""
-    records = read_records(path, ("prompt",), "prompts")
+    records = read_records(path, ("prompt",), what="prompts")
     for n, rec in records:
         if need_answer and "answer" not in rec:
             raise InputError(f'{path}:{n}: no "answer" to score against (the reward compares with it)')
@@ -93,6 +93,7 @@ class LogitExtrapolation:
 def generate(
     model: Any,
     tokenizer: Any,
+    *,
     prompts: list[str],
     opts: SamplingOptions,
     early: Any = None,

@@ -49,7 +49,7 @@ class DriftedModel:
         for name, param in self._params.items():
             drift = self._deltas[name]().to(self.device)
             w0 = self.base.get(name).to(self.device)
-            param.copy_(moved(w0, drift, scale, param.dtype).view_as(param))
+            param.copy_(moved(w0, drift, scale=scale, dtype=param.dtype).view_as(param))
         self.scale = scale
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ from driftmerge.errors import InputError
 
 
 def response_logprobs(
-    model_dir: Path, pairs: list[dict[str, str]], tokenizer: Any, device: torch.device, batch_size: int = 8
+    model_dir: Path, pairs: list[dict[str, str]], *, tokenizer: Any, device: torch.device, batch_size: int = 8
 ) -> torch.Tensor:
     """Log-probs of all response tokens of all pairs, concatenated in order: ``(tokens,)`` float64."""
     from transformers import AutoModelForCausalLM
@@ -58,7 +58,7 @@ def response_logprobs(
 
 
 def logprob_linearity(
-    base: Path, checkpoints: list[Path], pairs: list[dict[str, str]], t: list[int], opts: Any, device: torch.device
+    base: Path, checkpoints: list[Path], *, pairs: list[dict[str, str]], t: list[int], opts: Any, device: torch.device
 ) -> dict[str, Any]:
     """Score every pair with every model and summarize the per-token R² against the step."""
     from transformers import AutoTokenizer
@@ -68,7 +68,10 @@ def logprob_linearity(
     except Exception as exc:
         raise InputError(f"{base}: no usable tokenizer for --logprobs ({str(exc).splitlines()[0]})") from exc
     values = torch.stack(
-        [response_logprobs(p, pairs, tokenizer, device, opts.batch_size) for p in (base, *checkpoints)]
+        [
+            response_logprobs(p, pairs, tokenizer=tokenizer, device=device, batch_size=opts.batch_size)
+            for p in (base, *checkpoints)
+        ]
     )  # (n points, tokens)
     ts = torch.tensor([0.0, *map(float, t)], dtype=torch.float64)[:, None]  # (n, 1)
     spread = values.amax(0) - values.amin(0)

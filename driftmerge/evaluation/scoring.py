@@ -45,14 +45,14 @@ class SweepResult:
         return max(self.rows, key=lambda r: (r.mean, -abs(r.scale - 1.0)))
 
 
-def summarize(scale: float, step: float, rewards: list[list[float]]) -> ScaleResult:
+def summarize(scale: float, step: float, *, rewards: list[list[float]]) -> ScaleResult:
     """Mean over all rewards, standard error over the per-prompt means."""
     means = [statistics.fmean(r) for r in rewards]
     se = statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else None
     return ScaleResult(scale, step, statistics.fmean(x for r in rewards for x in r), se, sum(map(len, rewards)), means)
 
 
-def score(reward: Reward, rec: dict[str, Any], completion: str) -> float:
+def score(reward: Reward, rec: dict[str, Any], *, completion: str) -> float:
     try:
         value = float(reward(rec["prompt"], completion, rec.get("answer")))
     except Exception as exc:  # the user's reward failed: name it
@@ -62,7 +62,7 @@ def score(reward: Reward, rec: dict[str, Any], completion: str) -> float:
     return value
 
 
-def run_eval_cmd(template: str, model_dir: Path, scale: float) -> tuple[float, float | None]:
+def run_eval_cmd(template: str, model_dir: Path, *, scale: float) -> tuple[float, float | None]:
     """Run ``template`` with ``{model_dir}`` / ``{scale}`` filled in; its last output line is the reward."""
     cmd = template.replace("{model_dir}", shlex.quote(str(model_dir))).replace("{scale}", f"{scale:g}")
     done = subprocess.run(cmd, shell=True, capture_output=True, text=True)

@@ -16,7 +16,7 @@ def hub_id_or_none(ref: str) -> str | None:
     return ref if is_repo_id(ref) and not Path(ref).exists() else None
 
 
-def card_data(base: dict[str, Any], library_name: str | None, tags: list[str]) -> dict[str, Any]:
+def card_data(base: dict[str, Any], *, library_name: str | None, tags: list[str]) -> dict[str, Any]:
     """``ModelCardData`` fields: the base's Hub id as ``base_model`` and its license, when known."""
     hub = base.get("hub") or {}
     data: dict[str, Any] = {"base_model": hub.get("repo_id") or hub_id_or_none(base.get("ref", ""))}
@@ -57,7 +57,7 @@ def drift_facts(meta: DriftMeta, summary: Summary) -> str:
 
 def adapter_card(meta: DriftMeta, summary: Summary) -> str:
     """Card for an extracted (or scaled) adapter folder."""
-    data = card_data(meta.base.model_dump(), "peft", [*TAGS, "lora"])
+    data = card_data(meta.base.model_dump(), library_name="peft", tags=[*TAGS, "lora"])
     scale = meta.scale
     scaled = f"\nThe scale **{scale}** is baked into `lora_alpha` and the extras.\n" if scale is not None else ""
     body = f"""# driftmerge drift adapter
@@ -92,10 +92,10 @@ model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")  # scale 1
 
 
 def model_card(
-    base: dict[str, Any], adapter_ref: str, adapter_meta: DriftMeta, scale: float, step: float, command: str | None
+    base: dict[str, Any], adapter_ref: str, *, adapter_meta: DriftMeta, scale: float, step: float, command: str | None
 ) -> str:
     """Card for a model written by ``driftmerge apply``; ``base`` = {"ref", "hub", "license"} of the base used."""
-    data = card_data(base, None, [*TAGS, "extrapolation"])
+    data = card_data(base, library_name=None, tags=[*TAGS, "extrapolation"])
     body = f"""# driftmerge model at scale {scale:g}
 
 `W = W0 + {scale:g} · drift`, made by [driftmerge](https://pypi.org/project/driftmerge/) from the base

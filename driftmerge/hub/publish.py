@@ -48,7 +48,7 @@ class PushResult:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_push(folder: str | Path, repo_id: str, analysis: str | Path | None = None) -> PushPlan:
+def plan_push(folder: str | Path, repo_id: str, *, analysis: str | Path | None = None) -> PushPlan:
     """Check ``folder`` and ``repo_id`` and list what a push would send (no network)."""
     folder = Path(folder)
     check_repo_id(repo_id)
@@ -91,7 +91,7 @@ def push_folder(
     analysis: str | Path | None = None,
 ) -> PushResult:
     """Push ``folder`` to the model repo ``repo_id`` (created if missing) as one commit; ``dry_run`` only plans."""
-    plan = plan_push(folder, repo_id, analysis)
+    plan = plan_push(folder, repo_id, analysis=analysis)
     from huggingface_hub import get_token
 
     if dry_run:

@@ -49,7 +49,7 @@ class DriftExtrapolationCallback(TrainerCallback):
     ):
         if optimizer not in OPTIMIZER_STATE:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZER_STATE)}, got {optimizer!r}")
-        jump_scale(every, jump, scale, window)  # fail at construction, not at the first training step
+        jump_scale(every, jump, scale=scale, window=window)  # fail at construction, not at the first training step
         self._regrounder = functools.partial(
             Regrounder,
             every=every,
@@ -94,8 +94,9 @@ class DriftExtrapolationCallback(TrainerCallback):
             logs["drift/reward_before"] = self._last_reward
         self._awaiting_reward = True
         self._log(state, logs)
-        logger.info("step %d: moved %d tensors to scale %.3f of the window's drift", jump.step, jump.tensors,
-                    jump.scale)  # fmt: skip
+        logger.info(
+            "step %d: moved %d tensors to scale %.3f of the window's drift", jump.step, jump.tensors, jump.scale
+        )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         reward = next((v for k, v in (logs or {}).items() if k.endswith("reward") and not k.startswith("drift/")), None)
@@ -113,7 +114,7 @@ class DriftExtrapolationCallback(TrainerCallback):
             state.log_history.append({**logs, "step": state.global_step})
 
 
-def snapshot_bytes(model: torch.nn.Module, fit: str = "lsq", window: int = 4) -> int:
+def snapshot_bytes(model: torch.nn.Module, fit: str = "lsq", *, window: int = 4) -> int:
     """Memory the callback holds on ``snapshot_device``: the window's start in the weights' dtype plus the fit's
     float32 buffers (two running sums; endpoint also keeps the last delta, pca every one of the ``window``)."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -71,7 +71,7 @@ def lora_keys(module: str, kind: str) -> tuple[str, str]:
 
 
 def peft_config(
-    modules: dict[str, LoraModule], base_ref: str, fan_in_fan_out: bool, scale: float = 1.0
+    modules: dict[str, LoraModule], base_ref: str, *, fan_in_fan_out: bool, scale: float = 1.0
 ) -> dict[str, Any]:
     """``adapter_config.json`` with ``lora_alpha = scale · r`` for every module (PEFT scaling = ``scale``)."""
     ranks = {path: m.rank for path, m in modules.items()}
@@ -106,6 +106,7 @@ def _num(x: float) -> int | float:
 def write_adapter(
     folder: Path,
     modules: dict[str, LoraModule],
+    *,
     extras: dict[str, torch.Tensor],
     meta: DriftMeta,
     config: dict[str, Any],

@@ -275,7 +275,7 @@ def check_compatible(base: Checkpoint, checkpoints: Sequence[Checkpoint]) -> Non
 
 
 def open_run(
-    base: str | Path, checkpoints: Sequence[str | Path], steps: Sequence[int] | None, base_step: int
+    base: str | Path, checkpoints: Sequence[str | Path], *, steps: Sequence[int] | None, base_step: int
 ) -> tuple[Checkpoint, list[Checkpoint], list[int], str]:
     """Open a base and its checkpoints, order the checkpoints by step and check they match the base.
 
@@ -284,7 +284,7 @@ def open_run(
     """
     base_ck = open_ref(base)
     cks = [open_ref(p) for p in checkpoints]
-    found, order, source = resolve_steps([c.label for c in cks], steps, base_step)
+    found, order, source = resolve_steps([c.label for c in cks], steps, base_step=base_step)
     cks = [cks[i] for i in order]
     check_compatible(base_ck, cks)
     return base_ck, cks, found, source
@@ -317,7 +317,7 @@ def step_from_path(path: str | Path) -> int | None:
 
 
 def resolve_steps(
-    paths: Sequence[str | Path], steps: Sequence[int] | None, base_step: int = 0
+    paths: Sequence[str | Path], steps: Sequence[int] | None, *, base_step: int = 0
 ) -> tuple[list[int], list[int], str]:
     """Decide the step of each checkpoint. Returns (steps, order, source).
 

@@ -9,7 +9,7 @@ from typing import Any
 from driftmerge.errors import InputError
 
 
-def read_records(path: str | Path, fields: tuple[str, ...], what: str) -> list[tuple[int, dict[str, Any]]]:
+def read_records(path: str | Path, fields: tuple[str, ...], *, what: str) -> list[tuple[int, dict[str, Any]]]:
     """``(line number, record)`` for every non-blank line of ``path``; each record a JSON object whose ``fields``
     are strings. ``what`` names the records in errors (``"prompts"``)."""
     path = Path(path)

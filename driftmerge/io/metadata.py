@@ -43,6 +43,7 @@ __all__ = [
 def build_meta(
     base: Checkpoint,
     cks: list[Checkpoint],
+    *,
     steps: list[int],
     source: str,
     opts: Any,
@@ -89,7 +90,7 @@ def build_meta(
         tied=arch.tied,
         command=command,
         tensors=records,
-        summary=summarize_records(records, base, cks),
+        summary=summarize_records(records, base=base, cks=cks),
     )
 
 
@@ -99,7 +100,7 @@ def _hub(ck: Checkpoint) -> HubEntry | None:
     return cast("HubEntry | None", ck.hub)
 
 
-def summarize_records(records: dict[str, TensorRecord], base: Checkpoint, cks: list[Checkpoint]) -> Summary:
+def summarize_records(records: dict[str, TensorRecord], *, base: Checkpoint, cks: list[Checkpoint]) -> Summary:
     """Totals over ``records``; ``energy_kept`` and ``extras_share`` as defined on :class:`Summary`."""
     lora = [r for r in records.values() if r.stored == "lora"]
     extras = [r for r in records.values() if r.stored == "extras"]

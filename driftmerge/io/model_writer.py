@@ -42,7 +42,7 @@ def out_bytes(info: TensorInfo, out_dtype: torch.dtype | None) -> int:
     return info.numel * dt.itemsize
 
 
-def plan_shards(names: list[str], sizes: dict[str, int], limit: int) -> StateDictSplit:
+def plan_shards(names: list[str], sizes: dict[str, int], *, limit: int) -> StateDictSplit:
     """The shards, their file names and the index, by huggingface_hub's splitter (as ``save_pretrained`` writes them).
 
     Consecutive names, a new shard whenever the next tensor would take the current one over ``limit`` bytes; a
@@ -53,13 +53,18 @@ def plan_shards(names: list[str], sizes: dict[str, int], limit: int) -> StateDic
     """
     if limit < 1:
         raise InputError(f"the shard size limit must be at least 1 byte, got {limit}")
-    split = split_state_dict_into_shards_factory({n: sizes[n] for n in names},
-                                                 get_storage_size=lambda size: min(size, limit),
-                                                 filename_pattern=SAFETENSORS_WEIGHTS_FILE_PATTERN,
-                                                 max_shard_size=limit)  # fmt: skip
+    split = split_state_dict_into_shards_factory(
+        {n: sizes[n] for n in names},
+        get_storage_size=lambda size: min(size, limit),
+        filename_pattern=SAFETENSORS_WEIGHTS_FILE_PATTERN,
+        max_shard_size=limit,
+    )
     files = split.filename_to_tensors or {SAFETENSORS_SINGLE_FILE: []}
-    return StateDictSplit(metadata={"total_size": sum(sizes[n] for n in names)}, filename_to_tensors=files,
-                          tensor_to_filename=split.tensor_to_filename)  # fmt: skip
+    return StateDictSplit(
+        metadata={"total_size": sum(sizes[n] for n in names)},
+        filename_to_tensors=files,
+        tensor_to_filename=split.tensor_to_filename,
+    )
 
 
 def shard_bytes(plan: StateDictSplit, sizes: dict[str, int]) -> dict[str, int]:
@@ -67,9 +72,17 @@ def shard_bytes(plan: StateDictSplit, sizes: dict[str, int]) -> dict[str, int]:
     return {f: sum(sizes[n] for n in names) for f, names in plan.filename_to_tensors.items()}
 
 
-def write_shards(base_ck: Checkpoint, deltas: dict[str, Callable[[], torch.Tensor]], scale: float,
-                  out_dtype: torch.dtype | None, plan: StateDictSplit, mine: list[str], tmp: Path,
-                  progress: Progress | None) -> None:  # fmt: skip
+def write_shards(
+    base_ck: Checkpoint,
+    deltas: dict[str, Callable[[], torch.Tensor]],
+    *,
+    scale: float,
+    out_dtype: torch.dtype | None,
+    plan: StateDictSplit,
+    mine: list[str],
+    tmp: Path,
+    progress: Progress | None,
+) -> None:
     """Compute ``W0 + scale · drift`` for the tensors of this rank's shard files ``mine`` and write each file,
     one shard in memory at a time."""
     total, done = sum(len(plan.filename_to_tensors[f]) for f in mine), 0
@@ -79,7 +92,9 @@ def write_shards(base_ck: Checkpoint, deltas: dict[str, Callable[[], torch.Tenso
             w0 = base_ck.get(name)
             target_dtype = out_dtype if (out_dtype is not None and w0.dtype.is_floating_point) else w0.dtype
             source = deltas.get(name)
-            tensors[name] = moved(w0, source(), scale, target_dtype) if source is not None else w0.to(target_dtype)
+            tensors[name] = (
+                moved(w0, source(), scale=scale, dtype=target_dtype) if source is not None else w0.to(target_dtype)
+            )
             tensors[name] = tensors[name].contiguous()
             done += 1
             if progress:
@@ -88,9 +103,19 @@ def write_shards(base_ck: Checkpoint, deltas: dict[str, Callable[[], torch.Tenso
         del tensors
 
 
-def finish_model(base_ck: Checkpoint, plan: StateDictSplit, tmp: Path, dtype: str, out_dtype: torch.dtype | None,
-                  adapter_ref: str, meta: DriftMeta, scale: float, step: float,
-                  command: str | None) -> None:  # fmt: skip
+def finish_model(
+    base_ck: Checkpoint,
+    plan: StateDictSplit,
+    *,
+    tmp: Path,
+    dtype: str,
+    out_dtype: torch.dtype | None,
+    adapter_ref: str,
+    meta: DriftMeta,
+    scale: float,
+    step: float,
+    command: str | None,
+) -> None:
     """The index (``metadata.total_size`` and ``weight_map``, for several shards), config and tokenizer files, and
     the model card."""
     if plan.is_sharded:
@@ -98,7 +123,9 @@ def finish_model(base_ck: Checkpoint, plan: StateDictSplit, tmp: Path, dtype: st
         (tmp / SAFETENSORS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     _copy_side_files(base_ck.path, tmp, dtype if out_dtype is not None else None)
     base_info = {"ref": str(base_ck.path), "hub": base_ck.hub, "license": base_license(base_ck.path)}
-    (tmp / "README.md").write_text(model_card(base_info, adapter_ref, meta, scale, step, command))
+    (tmp / "README.md").write_text(
+        model_card(base_info, adapter_ref, adapter_meta=meta, scale=scale, step=step, command=command)
+    )
 
 
 def _copy_side_files(base: Path, out: Path, dtype: str | None) -> None:

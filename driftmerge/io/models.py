@@ -10,7 +10,7 @@ import torch
 from driftmerge.errors import InputError, first_line
 
 
-def load_causal_lm(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Any:
+def load_causal_lm(folder: str | Path, device: str | torch.device = "cpu", *, dtype: torch.dtype | None = None) -> Any:
     """``AutoModelForCausalLM`` from ``folder`` in its stored dtype (or ``dtype``), on ``device``, in eval mode."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

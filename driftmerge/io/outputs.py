@@ -24,7 +24,7 @@ from driftmerge.errors import OutputError
 logger = logging.getLogger("driftmerge")
 
 
-def check_output_dir(target: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+def check_output_dir(target: Path, inputs: Sequence[Path], *, overwrite: bool) -> None:
     """Refuse an output that exists (without ``overwrite``), or that overlaps an input folder."""
     target = target.resolve()
     for inp in inputs:
@@ -41,10 +41,10 @@ def check_output_dir(target: Path, inputs: Sequence[Path], overwrite: bool) -> N
 
 
 @contextmanager
-def atomic_output_dir(target: str | Path, inputs: Sequence[Path] = (), overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(target: str | Path, inputs: Sequence[Path] = (), *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to ``target``; on success it replaces ``target``, on failure it vanishes."""
     target = Path(target).absolute()
-    check_output_dir(target, inputs, overwrite)
+    check_output_dir(target, inputs, overwrite=overwrite)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_siblings(target)
@@ -130,7 +130,7 @@ def check_output_file(target: Path, overwrite: bool) -> None:
         raise OutputError(f"{target}: already exists; pass --overwrite to replace it")
 
 
-def write_text_atomic(target: Path, text: str, overwrite: bool, what: str = "the file") -> None:
+def write_text_atomic(target: Path, text: str, *, overwrite: bool, what: str = "the file") -> None:
     """Write ``text`` to a temporary sibling and rename it over ``target`` (never a half-written file)."""
     check_output_file(target, overwrite)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"

@@ -52,8 +52,10 @@ def discover(run_dir: str | Path) -> list[Found]:
         elif _is_model(child):
             model = child
         elif actor.is_dir():
-            raise InputError(f"{actor}: a verl actor checkpoint that is not in Hugging Face format; "
-                             + VERL_MERGE_HINT.format(actor=actor))  # fmt: skip
+            raise InputError(
+                f"{actor}: a verl actor checkpoint that is not in Hugging Face format; "
+                + VERL_MERGE_HINT.format(actor=actor)
+            )
         else:
             continue  # an optimizer-only or unfinished save: not a model
         if step in found:
@@ -76,7 +78,7 @@ def parse_range(text: str) -> tuple[int | None, int | None]:
 
 
 def select(
-    found: list[Found], every: int | None = None, last: int | None = None, steps_range: str | None = None
+    found: list[Found], *, every: int | None = None, last: int | None = None, steps_range: str | None = None
 ) -> list[Found]:
     """Apply ``every``, then ``steps_range``, then ``last``; at least one checkpoint must remain."""
     out = list(found)

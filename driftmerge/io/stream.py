@@ -38,6 +38,7 @@ def take(stream: Iterator[tuple[Key, torch.Tensor]], want: Key) -> torch.Tensor:
 def stream_deltas(
     names: list[str],
     sources: list[Checkpoint],
+    *,
     device: torch.device,
     read_ahead: int,
     stats: dict[str, float] | None = None,
@@ -78,7 +79,7 @@ def stream_deltas(
             stats["waited"] = reader.waited
 
 
-def raise_not_finite(name: str, base: Checkpoint, ckpt: Checkpoint) -> None:
+def raise_not_finite(name: str, base: Checkpoint, *, ckpt: Checkpoint) -> None:
     """Raise ``InputError`` naming which of ``base`` / ``ckpt`` holds NaN/Inf in ``name`` (or that W_j - W_0 overflows).
 
     Called while :func:`stream_deltas` still reads the same checkpoints on its thread: ``Checkpoint.get`` is locked.

@@ -29,6 +29,7 @@ FIGURES = {
 def build_report(
     stats: list[TensorStats],
     steps: list[int],
+    *,
     base_step: int,
     refs: dict[str, Any],
     settings: dict[str, Any],
@@ -191,7 +192,7 @@ def check_plotting() -> None:
     pyplot()
 
 
-def draw_figures(report: dict[str, Any], stats: list[TensorStats], out: Path) -> dict[str, str]:
+def draw_figures(report: dict[str, Any], stats: list[TensorStats], *, out: Path) -> dict[str, str]:
     """Write the PNG figures into ``out``; return {figure: file name}."""
     plt = pyplot()
     written: dict[str, str] = {}

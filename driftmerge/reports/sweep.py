@@ -45,7 +45,7 @@ def text_table(result: SweepResult) -> str:
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
-def write_outputs(result: SweepResult, out: Path, settings: dict[str, Any]) -> list[str]:
+def write_outputs(result: SweepResult, out: Path, *, settings: dict[str, Any]) -> list[str]:
     """Write the files into ``out`` (an existing folder); return their names."""
     (out / "sweep.json").write_text(json.dumps(to_json(result, settings), indent=2) + "\n")
     best = result.best
@@ -83,8 +83,16 @@ def draw(result: SweepResult, path: Path) -> None:
     if result.mode == "weights":
         for step, scale in result.checkpoint_scales:
             ax.axvline(scale, color="grey", linestyle=":", linewidth=1)
-            ax.annotate(f"step {step}", (scale, 1.0), xycoords=("data", "axes fraction"), fontsize=7, rotation=90,
-                        va="top", ha="right", color="grey")  # fmt: skip
+            ax.annotate(
+                f"step {step}",
+                (scale, 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                rotation=90,
+                va="top",
+                ha="right",
+                color="grey",
+            )
     best = result.best
     ax.plot([best.scale], [best.mean], marker="*", markersize=14, color="tab:red", linestyle="none", label="best")
     ax.set_xlabel("alpha (logit extrapolation)" if result.mode == "logits" else "scale (1 = last checkpoint)")

@@ -112,7 +112,7 @@ def grpo_step(model: Any, tok: Any, opt: torch.optim.Optimizer, pairs: list[tupl
     """One GRPO update; returns the batch's mean reward."""
     model.eval()
     prompts = [p for p, _ in pairs]
-    comps = sample(model, tok, prompts, cfg.group, False, cfg.max_new_tokens)
+    comps = sample(model, tok, prompts=prompts, n=cfg.group, greedy=False, max_new_tokens=cfg.max_new_tokens)
     rewards = torch.tensor([[reward(c, a) for c in cs] for cs, (_, a) in zip(comps, pairs, strict=True)])  # (B, G)
     adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)  # (B, G)
     model.train()
@@ -133,14 +133,14 @@ def supervised_start(cfg: ToyConfig, log: Callable[[str], None] = print) -> tupl
     """Build the model and train it on the task up to ``cfg.sft_target`` held-out accuracy."""
     model, tok = build(cfg)
     rng = random.Random(cfg.seed)
-    held_out = held_out_problems(cfg.eval_size, cfg.digits, cfg.seed)
+    held_out = held_out_problems(cfg.eval_size, cfg.digits, seed=cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.sft_lr)
     acc, step = 0.0, 0
     for step in range(1, cfg.sft_max_steps + 1):
         model.train()
-        sft_step(model, tok, opt, problems(cfg.sft_batch, cfg.digits, rng))
+        sft_step(model, tok, opt, problems(cfg.sft_batch, cfg.digits, rng=rng))
         if step % 25 == 0:
-            acc = accuracy(model, tok, held_out, cfg.max_new_tokens)
+            acc = accuracy(model, tok, pairs=held_out, max_new_tokens=cfg.max_new_tokens)
             if acc >= cfg.sft_target:
                 break
     log(f"supervised start: {step} steps, held-out greedy accuracy {acc:.3f}")
@@ -167,7 +167,7 @@ def run(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.rl_lr)
     train_reward, evals = [], [{"step": 0, "accuracy": info["sft_accuracy"]}]
     for step in range(1, cfg.rl_steps + 1):
-        pairs = problems(cfg.batch, cfg.digits, rng)
+        pairs = problems(cfg.batch, cfg.digits, rng=rng)
         if mode == "rl":
             train_reward.append(grpo_step(model, tok, opt, pairs, cfg))
         else:
@@ -175,7 +175,9 @@ def run(
             sft_step(model, tok, opt, pairs)
         if step % cfg.save_every == 0:
             save(model, tok, out / f"checkpoint-{step}")
-            evals.append({"step": step, "accuracy": accuracy(model, tok, held_out, cfg.max_new_tokens)})
+            evals.append(
+                {"step": step, "accuracy": accuracy(model, tok, pairs=held_out, max_new_tokens=cfg.max_new_tokens)}
+            )
             log(f"{mode} step {step}: held-out accuracy {evals[-1]['accuracy']:.3f}")
     record = {
         "config": asdict(cfg),
@@ -231,11 +233,11 @@ def steps_to_threshold(
         regrounder.start(0)
     curve: list[tuple[int, float]] = []
     for step in range(1, max_steps + 1):
-        grpo_step(model, tok, opt, problems(cfg.batch, cfg.digits, rng), cfg)
+        grpo_step(model, tok, opt, problems(cfg.batch, cfg.digits, rng=rng), cfg)
         if regrounder is not None and regrounder.step(step) is not None and optimizer == "reset":
             reset_moments(opt, list(params.values()))
         if step % check_every == 0:
-            curve.append((step, accuracy(model, tok, info["held_out"], cfg.max_new_tokens)))
+            curve.append((step, accuracy(model, tok, pairs=info["held_out"], max_new_tokens=cfg.max_new_tokens)))
             if curve[-1][1] >= threshold:
                 break
     reached = curve[-1][0] if curve and curve[-1][1] >= threshold else None

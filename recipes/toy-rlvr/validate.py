@@ -39,7 +39,7 @@ THRESHOLD, MAX_STEPS, REGROUND = 0.5, 300, (25, 25)
 
 
 def acc_of(folder: Path, tok, held_out, cfg) -> float:
-    return accuracy(load_causal_lm(folder), tok, held_out, cfg.max_new_tokens)
+    return accuracy(load_causal_lm(folder), tok, pairs=held_out, max_new_tokens=cfg.max_new_tokens)
 
 
 def one_seed(seed: int, small: bool, root: Path) -> dict:
@@ -61,7 +61,7 @@ def one_seed(seed: int, small: bool, root: Path) -> dict:
     # 1. linearity, and 2. rank-1 energy
     for kind in runs:
         rep = analyze(
-            root / kind / "base", cks[kind], root / f"analysis-{kind}", AnalyzeOptions(sample_frac=0.05)
+            root / kind / "base", cks[kind], out_dir=root / f"analysis-{kind}", options=AnalyzeOptions(sample_frac=0.05)
         ).report
         m = rep["model"]
         out[f"linearity_{kind}"] = {k: m[k] for k in ("r2", "elem_r2_median", "elem_r2_share_above", "energy_rank1")}
@@ -97,7 +97,7 @@ def one_seed(seed: int, small: bool, root: Path) -> dict:
     prompts = root / "held_out.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in held_out))
     sampling = SamplingOptions(max_new_tokens=cfg.max_new_tokens, batch_size=256)
-    sw = run_sweep(root / "early-rank1", prompts, SweepOptions(SWEEP_SCALES, sampling=sampling, device="cpu"))
+    sw = run_sweep(root / "early-rank1", prompts, opts=SweepOptions(SWEEP_SCALES, sampling=sampling, device="cpu"))
     out["sweep"] = {"rows": [(r.scale, r.step, r.mean, r.se) for r in sw.rows], "best": sw.best.scale}
 
     # 4. re-grounding
@@ -111,8 +111,8 @@ def one_seed(seed: int, small: bool, root: Path) -> dict:
     texts = generate(
         b,
         tok,
-        [p for p, _ in held_out],
-        SamplingOptions(max_new_tokens=cfg.max_new_tokens, batch_size=256),
+        prompts=[p for p, _ in held_out],
+        opts=SamplingOptions(max_new_tokens=cfg.max_new_tokens, batch_size=256),
         early=a,
         alpha=1.5,
     )
