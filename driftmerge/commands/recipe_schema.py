@@ -7,17 +7,14 @@ folder and what becomes of it. Unknown keys are refused, and no value is convert
 
 from __future__ import annotations
 
-import re
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from driftmerge.commands.options import ADAPTER_DIR, ApplyOptions, ExtractOptions, RunDirSelection
-
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")  # NAMESPACE/NAME; hub.refs.check_repo_id checks more
+from driftmerge.hub.refs import is_repo_id
 
 
 def _repo_id(value: str | None) -> str | None:
-    if value is not None and not _REPO_ID.fullmatch(value):
+    if value is not None and not is_repo_id(value):
         raise ValueError(f"must be a Hub repo id NAMESPACE/NAME (no @revision here), got {value!r}")
     return value
 
