@@ -12,6 +12,8 @@ import click
 from driftmerge_cli.options import ParsedText
 from tqdm import tqdm
 
+from driftmerge.progress import Progress
+
 F = TypeVar("F", bound=Callable[..., Any])  # a click command function
 
 
@@ -60,7 +62,7 @@ def command_line() -> str:
 
 
 @contextmanager
-def progress_bar(desc: str) -> Iterator[Callable[[int, int, str], None]]:
+def progress_bar(desc: str) -> Iterator[Progress]:
     """A tqdm bar over tensors (on stderr, hidden when stderr is not a terminal)."""
     bar: tqdm | None = None
 
