@@ -32,10 +32,11 @@ from driftmerge.hub.cards import adapter_card
 from driftmerge.io.adapter import LoraModule, peft_config, write_adapter
 from driftmerge.io.architecture import Architecture, describe
 from driftmerge.io.checkpoints import Checkpoint, open_run
-from driftmerge.io.metadata import DriftMeta, Summary, TensorRecord, build_meta
+from driftmerge.io.metadata import build_meta
 from driftmerge.io.outputs import atomic_output_dir, check_output_dir
 from driftmerge.io.stream import raise_not_finite, stream_deltas
 from driftmerge.progress import Progress
+from driftmerge.schema import DriftMeta, Summary, TensorRecord
 
 logger = logging.getLogger("driftmerge")
 

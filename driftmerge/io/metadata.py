@@ -1,6 +1,6 @@
 """``driftmerge.json`` from an extraction: the :class:`~driftmerge.schema.DriftMeta` record of the inputs, steps,
 options and per-tensor facts, with the summary printed and put in the model card. The models themselves live in
-:mod:`driftmerge.schema` (the Hub cards read them too) and are importable from here."""
+:mod:`driftmerge.schema` (the Hub cards read them too)."""
 
 from __future__ import annotations
 
@@ -13,31 +13,7 @@ from driftmerge import __version__
 from driftmerge.hub.refs import base_license
 from driftmerge.io.architecture import Architecture
 from driftmerge.io.checkpoints import Checkpoint
-from driftmerge.schema import (
-    FORMAT_VERSION,
-    BaseRecord,
-    CheckpointRecord,
-    DriftMeta,
-    HubEntry,
-    Summary,
-    TensorRecord,
-    parse_meta,
-    read_meta,
-)
-
-__all__ = [
-    "FORMAT_VERSION",
-    "BaseRecord",
-    "CheckpointRecord",
-    "DriftMeta",
-    "HubEntry",
-    "Summary",
-    "TensorRecord",
-    "build_meta",
-    "parse_meta",
-    "read_meta",
-    "summarize_records",
-]
+from driftmerge.schema import FORMAT_VERSION, BaseRecord, CheckpointRecord, DriftMeta, HubEntry, Summary, TensorRecord
 
 
 def build_meta(
