@@ -1,10 +1,12 @@
 """Model references on the Hugging Face Hub: ``org/name`` or ``org/name@revision`` as inputs.
 
 A reference that is not an existing local path and reads as a repo id is fetched with
-``huggingface_hub.snapshot_download`` into the usual Hugging Face cache, restricted to the top-level weight, config
-and tokenizer files (safetensors when the repo has them, else ``pytorch_model*.bin``). ``HF_TOKEN`` / ``hf auth
-login``, ``HF_ENDPOINT``, ``HF_HOME`` / ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1`` work as everywhere else in the
-Hugging Face stack: offline, a reference resolves from the cache or fails with one line saying so.
+``huggingface_hub.snapshot_download`` into the usual Hugging Face cache, restricted to the top-level weights
+(safetensors when the repo has them, else ``pytorch_model*.bin``), the side files ``apply`` copies (``SIDE_FILES``:
+config, tokenizer, processor and chat template files, and the ``additional_chat_templates/`` folder), the remote code
+(top-level ``*.py``) and the card (for the license). ``HF_TOKEN`` / ``hf auth login``, ``HF_ENDPOINT``,
+``HF_HOME`` / ``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1`` work as everywhere else in the Hugging Face stack: offline,
+a reference resolves from the cache or fails with one line saying so.
 """
 
 from __future__ import annotations
@@ -19,19 +21,30 @@ from driftmerge.errors import InputError, first_line
 _REVISION = re.compile(r"[\w./-]+")  # after the @ of org/name@revision: a branch, a tag, a commit, refs/pr/N
 _COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
 
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # transformers' named chat templates, <name>.jinja: copied whole
+# Everything a model folder needs beside its weights to load and serve as the base does: the one list that a Hub
+# fetch downloads and `apply` copies (top level only, matched with fnmatch as huggingface_hub does). Never weights,
+# never README.md (apply writes its own card), never adapter_config.json (the output would read as an adapter).
 SIDE_FILES = [
     "config.json",
     "generation_config.json",
+    # tokenizers of every kind: tokenizer.json (fast), tokenizer_config.json, tokenizer.model (Llama sentencepiece)
     "tokenizer*",
     "special_tokens_map.json",
     "added_tokens.json",
-    "vocab.*",
+    "vocab.*",  # vocab.txt (WordPiece), vocab.json (byte-level BPE)
     "merges.txt",
-    "*.model",  # sentencepiece
-    "chat_template.*",
-    "preprocessor_config.json",
-    "README.md",  # the card: license and base model for ours
+    "*.model",  # sentencepiece: spiece.model (T5), sentencepiece.bpe.model (XLM-R), spm.model (DeBERTa-v2)
+    "*.tiktoken",
+    "tekken.json",  # Mistral's tokenizer for mistral-common
+    # processors of multimodal models: processor_config.json, preprocessor_config.json (image processors and
+    # feature extractors), video_preprocessor_config.json
+    "*processor_config.json",
+    "audio_tokenizer_config.json",
+    "chat_template.*",  # chat_template.jinja, chat_template.json (a processor's, older)
 ]
+REMOTE_CODE_FILES = ["*.py"]  # an auto_map model's code: fetched whole; apply copies the modules it needs
+CARD_FILE = "README.md"  # fetched for the base's license, never copied
 SAFETENSORS_FILES = ["*.safetensors", "model.safetensors.index.json"]
 BIN_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 ADAPTER_FILES = [
@@ -39,9 +52,32 @@ ADAPTER_FILES = [
     "adapter_model.safetensors",
     "drift_extras.safetensors",
     "driftmerge.json",
-    "README.md",
+    CARD_FILE,
 ]
-_NESTED = ["*/*"]  # fnmatch's * crosses '/': this keeps to the repo's top level (no onnx/, original/ copies)
+
+
+def model_patterns(weights: list[str]) -> list[str]:
+    """What a model fetch downloads: ``weights``, the side files and the chat templates' folder, every top-level
+    ``*.py`` (the remote code of an ``auto_map`` model) and the card."""
+    return [*weights, *SIDE_FILES, f"{CHAT_TEMPLATE_DIR}/*", *REMOTE_CODE_FILES, CARD_FILE]
+
+
+def nested_except(folder: str) -> list[str]:
+    """fnmatch patterns matching every path below a top-level folder of a repo, except below ``folder``.
+
+    fnmatch's ``*`` crosses ``/``, so ``*.safetensors`` alone would fetch ``onnx/model.safetensors`` too, and it has
+    no negation: a nested path is ignored when it starts with ``folder[:i]`` and then a character other than
+    ``folder[i]`` (``folder[:i][!c]*/*``), with ``folder[:i]/`` (a shorter folder name), or with ``folder`` and then
+    a character other than ``/`` (a longer one).
+    """
+    return [
+        *(f"{folder[:i]}[!{c}]*/*" for i, c in enumerate(folder)),
+        *(f"{folder[:i]}/*" for i in range(1, len(folder))),
+        f"{folder}[!/]*/*",
+    ]
+
+
+_NESTED = nested_except(CHAT_TEMPLATE_DIR)  # the top level (no onnx/, original/ copies) and the chat templates
 
 
 @dataclass(frozen=True)
@@ -92,9 +128,9 @@ def resolve(ref: str | Path, kind: str = "model") -> Resolved:
     if kind == "adapter":
         path = _download(hub, ADAPTER_FILES)
     else:
-        path = _download(hub, SAFETENSORS_FILES + SIDE_FILES)
+        path = _download(hub, model_patterns(SAFETENSORS_FILES))
         if not any(path.glob("*.safetensors")):  # an older repo: its weights are pickled
-            path = _download(hub, BIN_FILES + SIDE_FILES)
+            path = _download(hub, model_patterns(BIN_FILES))
     return Resolved(path, ref_s, {"repo_id": hub.repo_id, "revision": hub.revision, "commit": path.name})
 
 
