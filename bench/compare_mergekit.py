@@ -51,7 +51,7 @@ def mergekit_products(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def agreement(base: Path, ckpt: Path, ours: Path, theirs: Path) -> dict[str, float]:
-    mine = {m.tensor: m.delta() for m in read_adapter(ours).modules.values()}
+    mine = {n: m.delta() for n, m in read_adapter(ours).by_tensor.items()}
     other = mergekit_products(theirs)
     common = sorted(set(mine) & set(other))
     if not common:

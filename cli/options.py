@@ -66,6 +66,9 @@ def flag_options(model: type[OptionsModel], names: Iterable[str] | None = None) 
     out = []
     for name in have if names is None else names:
         flag, default = have[name], default_text(model, name)
+        if model.model_fields[name].annotation is bool:  # an on/off switch, off by default
+            out.append(click.Option([flag.name, name], is_flag=True, default=False, help=flag.help, hidden=flag.hidden))
+            continue
         out.append(
             click.Option(
                 [flag.name, name],

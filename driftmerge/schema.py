@@ -77,15 +77,20 @@ class TensorRecord(_Record):
     """One fitted tensor: ``stored`` says where its drift went (LoRA factors of ``module``, the extras, or nowhere
     because it did not move); ``energy`` is the share of ``‖D‖_F²`` the stored drift keeps."""
 
-    omit_none = frozenset({"module"})
+    omit_none = frozenset({"module", "experts", "expert", "rows", "transposed", "nest"})
     shape: list[int]
-    kind: str  # "linear" | "embedding" | "conv1d" | "other"
+    kind: str  # "linear" | "embedding" | "conv1d" | "param" | "experts" | "other"
     drift_norm: float  # ‖D‖_F
     r2: float | None = None  # pooled R² of the line; None with fewer than 2 checkpoints
     stored: Literal["lora", "extras", "zero"]
-    module: str | None = None  # module path of the LoRA factors (kept when a LoRA tensor turned out zero)
-    rank: int | None = None
+    module: str | None = None  # PEFT target of the LoRA factors: a module path, or a parameter path (param, experts)
+    rank: int | None = None  # lora: the rank; extras: the rank of the stored factors (None: stored full-rank)
     energy: float | None = None
+    experts: int | None = None  # experts: E, the number of experts in the stack
+    expert: int | None = None  # experts: which expert of the stack this tensor is (None: the whole 3-D stack)
+    rows: list[int] | None = None  # experts: [start, stop) rows of that expert's (out, in) matrix it fills
+    transposed: bool | None = None  # experts: the stack is stored (E, in, out)
+    nest: int | None = None  # param, experts: how many `base_layer.` PEFT puts before this parameter's LoRA keys
 
     @model_validator(mode="after")
     def _lora_names_its_module(self) -> TensorRecord:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from driftmerge.io.architecture import DENSE_DECODERS, _from_skeleton, describe
+from driftmerge.io.architecture import DENSE_DECODERS, describe
+from driftmerge.io.skeleton import from_skeleton
 
 TINY = dict(
     hidden_size=32,
@@ -32,7 +33,7 @@ def test_dense_decoder_names_match_the_skeleton(model_type, tie):
         model = AutoModelForCausalLM.from_config(cfg)
     # what save_pretrained writes when untied; tied checkpoints may or may not store lm_head, so list it anyway
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
-    fast, slow = describe(config, shapes), _from_skeleton(config, shapes)
+    fast, slow = describe(config, shapes), from_skeleton(config, shapes, folder=None, trust_remote_code=False)
     assert fast.source == "known"
     assert fast.kinds == slow.kinds
     assert fast.modules == slow.modules

@@ -83,7 +83,8 @@ def analyze(
     check_output_dir(out_dir, inputs, overwrite=overwrite)
     pairs = _read_pairs(Path(opts.logprobs)) if opts.logprobs else None
 
-    arch = describe(base_ck.config, {n: i.shape for n, i in base_ck.infos.items()})
+    shapes = {n: i.shape for n, i in base_ck.infos.items()}
+    arch = describe(base_ck.config, shapes, folder=base_ck.path, guess=True)  # only the ties matter here
     names = [n for n, i in base_ck.infos.items() if i.dtype.is_floating_point and n not in arch.tied]
     t = [s - opts.base_step for s in steps]
     stats: list[TensorStats] = []

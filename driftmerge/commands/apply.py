@@ -19,7 +19,7 @@ from driftmerge.core.devices import DTYPES
 from driftmerge.core.drift import scale_for_step, step_for_scale
 from driftmerge.errors import InputError
 from driftmerge.hub.cards import adapter_card
-from driftmerge.io.adapter import Adapter, peft_config, write_adapter
+from driftmerge.io.adapter import Adapter, peft_config, scale_extra, write_adapter
 from driftmerge.io.checkpoints import Checkpoint
 from driftmerge.io.memory import parse_size
 from driftmerge.io.model_writer import finish_model, out_bytes, plan_shards, shard_bytes, write_shards
@@ -144,9 +144,10 @@ def _write_scaled_adapter(
         adapter.modules,
         adapter.config.get("base_model_name_or_path", ""),
         fan_in_fan_out=adapter.meta.fan_in_fan_out,
+        task_type=adapter.config.get("task_type"),
         scale=scale,
     )
-    extras = {k: v * scale for k, v in adapter.extras.items()}
+    extras = {k: scale_extra(v, scale) for k, v in adapter.extras.items()}
     with atomic_output_dir(out_dir, [adapter_dir], overwrite=overwrite) as tmp:
         write_adapter(
             tmp, adapter.modules, extras=extras, meta=meta, config=config, card=adapter_card(meta, meta.summary)

@@ -43,17 +43,24 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def share(self, names: Sequence[str], sizes: dict[str, int]) -> list[str]:
-        """This rank's names: largest first to the least-loaded rank (ties to the lowest rank), in input order."""
+    def share(
+        self, names: Sequence[str], sizes: dict[str, int], *, group: Callable[[str], str] | None = None
+    ) -> list[str]:
+        """This rank's names: largest group first to the least-loaded rank (ties to the lowest rank), in input
+        order; names of one ``group(name)`` (default: each its own) go to the same rank."""
         if self.world == 1:
             return list(names)
+        key = group or (lambda n: n)
+        totals: dict[str, int] = {}
+        for name in names:
+            totals[key(name)] = totals.get(key(name), 0) + sizes[name]
         load = [0] * self.world
         owner: dict[str, int] = {}
-        for name in sorted(names, key=lambda n: (-sizes[n], n)):
+        for unit in sorted(totals, key=lambda u: (-totals[u], u)):
             r = min(range(self.world), key=lambda i: (load[i], i))
-            owner[name] = r
-            load[r] += sizes[name]
-        return [n for n in names if owner[n] == self.rank]
+            owner[unit] = r
+            load[r] += totals[unit]
+        return [n for n in names if owner[key(n)] == self.rank]
 
     def gather(self, obj: T) -> list[T]:
         """Every rank's ``obj``, in rank order (on every rank)."""

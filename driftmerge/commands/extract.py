@@ -29,12 +29,14 @@ from driftmerge.core.lowrank import Factor
 from driftmerge.core.trajectory import LineAccumulator, TensorFit
 from driftmerge.errors import InputError
 from driftmerge.hub.cards import adapter_card
-from driftmerge.io.adapter import LoraModule, peft_config, write_adapter
-from driftmerge.io.architecture import Architecture, describe
+from driftmerge.io.adapter import peft_config, write_adapter
+from driftmerge.io.architecture import describe
+from driftmerge.io.assemble import ExpertQueue, assemble, factor_extra, group_of, placement
 from driftmerge.io.checkpoints import Checkpoint, open_run
 from driftmerge.io.metadata import build_meta
 from driftmerge.io.outputs import atomic_output_dir, check_output_dir
 from driftmerge.io.stream import raise_not_finite, stream_deltas
+from driftmerge.io.targets import Architecture, Target
 from driftmerge.progress import Progress
 from driftmerge.schema import DriftMeta, Summary, TensorRecord
 
@@ -74,7 +76,11 @@ def extract(
         if dist.world > 1 and device.type == "cuda":
             device = torch.device("cuda", dist.local_rank)
         job = dist.run(lambda: _prepare(base, checkpoints, out_dir, opts, overwrite))
-        mine = dist.share(job.names, {n: job.base.infos[n].numel for n in job.names})
+        mine = dist.share(
+            job.names,
+            {n: job.base.infos[n].numel for n in job.names},
+            group=lambda n: group_of(n, job.arch.targets.get(n)),
+        )
         t0 = time.perf_counter()
         part = dist.run(lambda: _fit_share(job, mine, opts, device, progress))
         read = sum(job.base.infos[n].numel * job.base.infos[n].dtype.itemsize for n in mine)
@@ -113,6 +119,7 @@ class _Part:
     factors: dict[str, Factor]
     moved: list[bool]  # per checkpoint: does it move any of these tensors?
     timing: tuple[int, int, float] = (0, 0, 0.0)  # tensors, bytes per input, seconds
+    slice_sq: dict[str, float] = field(default_factory=dict)  # "name[e]" -> ‖D_e‖² (stored expert stacks)
 
 
 def _prepare(
@@ -121,11 +128,17 @@ def _prepare(
     base_ck, cks, steps, source = open_run(base, checkpoints, steps=opts.steps, base_step=opts.base_step)
     out = Path(out_dir)
     check_output_dir(out, [base_ck.path, *(c.path for c in cks)], overwrite=overwrite)  # fail before the long pass
-    arch = describe(base_ck.config, {n: i.shape for n, i in base_ck.infos.items()})
+    arch = describe(
+        base_ck.config,
+        {n: i.shape for n, i in base_ck.infos.items()},
+        folder=base_ck.path,
+        guess=opts.guess_modules,
+        trust_remote_code=opts.trust_remote_code,
+    )
     names = _select(base_ck, opts, arch)
     if not names:
         raise InputError("no floating-point tensors left to fit (check --include / --exclude)")
-    _check_rank(opts.rank, [base_ck.infos[n].shape for n in names if n in arch.kinds])
+    _check_rank(opts.rank, [_matrix_shape(base_ck.infos[n].shape, arch.targets[n]) for n in names if n in arch.targets])
     factor_dtype = resolve_factor_dtype(opts.factor_dtype, resolve_device(opts.device))
     return _Job(base_ck, cks, steps, source, arch, names, out, factor_dtype)
 
@@ -141,26 +154,36 @@ def _fit_share(
     read_ahead = min(opts.max_memory // 4, 1 << 30)
     factorizer = GroupFactorizer(opts, DTYPES[job.factor_dtype], opts.max_memory - read_ahead)
     moved = [False] * len(job.cks)
+    experts = ExpertQueue(factorizer)
     t_start, stats = time.perf_counter(), {"waited": 0.0}
     sources = [base_ck, *job.cks]
     for done, (name, fit) in enumerate(_stream_fits(names, sources, t, opts.fit, device, read_ahead, stats), 1):
         for j, sq in enumerate(fit.delta_sq_norms):
             moved[j] = moved[j] or sq > 0.0
         norm = float(torch.linalg.vector_norm(fit.drift))
-        kind = arch.kinds.get(name)
-        facts: dict[str, Any] = {"shape": list(base_ck.infos[name].shape), "kind": kind or "other", "r2": fit.r2}
+        target = arch.targets.get(name)
+        kind = target.kind if target is not None else "other"
+        facts: dict[str, Any] = {"shape": list(base_ck.infos[name].shape), "kind": kind, "r2": fit.r2}
+        if target is not None:
+            facts.update(placement(target))
+        if target is not None and target.kind == "experts":  # zero or not, an expert's matrix needs its pieces
+            experts.add(fit.drift, target)
         if norm == 0.0:
             records[name] = TensorRecord(**facts, drift_norm=norm, stored="zero")
-        elif kind is not None:
-            records[name] = TensorRecord(**facts, drift_norm=norm, stored="lora", module=arch.modules[name])
-            # PEFT's B A is (out, in): the weight itself for Linear, its transpose for Embedding / Conv1D
-            factorizer.add(name, fit.drift, transposed=kind in ("embedding", "conv1d"))
+        elif target is not None:
+            records[name] = TensorRecord(**facts, drift_norm=norm, stored="lora")
+            if target.kind != "experts":  # PEFT's B A is (out, in): the weight for Linear, its transpose otherwise
+                factorizer.add(name, fit.drift, transposed=target.kind in ("embedding", "conv1d"))
+        elif factor_extra(fit.drift):
+            records[name] = TensorRecord(**facts, drift_norm=norm, stored="extras")
+            factorizer.add(name, fit.drift.reshape(-1, fit.drift.shape[-1]))  # (prod(shape[:-1]), shape[-1])
         else:
             records[name] = TensorRecord(**facts, drift_norm=norm, stored="extras", energy=1.0)
             extras[name] = fit.drift.cpu()
         del fit
         if progress:
             progress(done, len(names), name)
+    experts.finish()
     t_pass = time.perf_counter()
     factors = factorizer.finish()
     logger.info(
@@ -174,7 +197,7 @@ def _fit_share(
     factors = {
         n: Factor(B=f.B.cpu(), A=f.A.cpu(), energy=f.energy, iterations=f.iterations) for n, f in factors.items()
     }
-    return _Part(records, extras, factors, moved)
+    return _Part(records, extras, factors, moved, slice_sq=experts.sq)
 
 
 def _merge(parts: list[_Part], names: list[str]) -> _Part:
@@ -186,16 +209,19 @@ def _merge(parts: list[_Part], names: list[str]) -> _Part:
     return _Part(
         {n: records[n] for n in names},
         {n: extras[n] for n in names if n in extras},
-        {n: factors[n] for n in names if n in factors},
+        factors,  # written in the order of the records
         moved,
+        slice_sq={k: v for p in parts for k, v in p.slice_sq.items()},
     )
 
 
 def _write(
     job: _Job, part: _Part, opts: ExtractOptions, device: torch.device, overwrite: bool, command: str | None
 ) -> ExtractResult:
-    base_ck, cks, records, extras = job.base, job.cks, part.records, part.extras
-    modules = _lora_modules(part.factors, records)
+    base_ck, cks, records = job.base, job.cks, part.records
+    modules, extras = assemble(
+        part.factors, records, targets=job.arch.targets, slice_sq=part.slice_sq, extras=part.extras
+    )
     for ck, moved in zip(cks, part.moved, strict=True):
         if not moved:
             raise InputError(
@@ -218,12 +244,17 @@ def _write(
     )
     summary = meta.summary
     base_name = base_ck.hub["repo_id"] if base_ck.hub else str(base_ck.path.absolute())  # where PEFT finds the base
-    config = peft_config(modules, base_name, fan_in_fan_out=job.arch.fan_in_fan_out)
+    config = peft_config(modules, base_name, fan_in_fan_out=job.arch.fan_in_fan_out, task_type=job.arch.task_type)
     inputs = [base_ck.path, *(c.path for c in cks)]
     with atomic_output_dir(job.out_dir, inputs, overwrite=overwrite) as tmp:
         write_adapter(tmp, modules, extras=extras, meta=meta, config=config, card=adapter_card(meta, summary))
         summary.adapter_bytes = sum(f.stat().st_size for f in tmp.iterdir())
     return ExtractResult(out_dir=job.out_dir, meta=meta, summary=summary)
+
+
+def _matrix_shape(shape: tuple[int, ...], target: Target) -> tuple[int, ...]:
+    """The matrix one factorization sees: one expert's ``(out, in)`` for an expert stack, else the tensor."""
+    return target.dims if target.kind == "experts" and target.dims else shape
 
 
 def _check_rank(rank: int | float, shapes: list[tuple[int, ...]]) -> None:
@@ -234,20 +265,6 @@ def _check_rank(rank: int | float, shapes: list[tuple[int, ...]]) -> None:
             f"--rank {rank} is larger than any fitted matrix allows (at most {limit}); give {limit} or less, "
             "or an energy share such as 0.9"
         )
-
-
-def _lora_modules(factors: dict[str, Factor], records: dict[str, TensorRecord]) -> dict[str, LoraModule]:
-    """LoRA modules by module path; records get their rank and kept energy (or ``stored="zero"``)."""
-    modules: dict[str, LoraModule] = {}
-    for name, factor in factors.items():
-        rec = records[name]
-        if factor.rank == 0:  # drift below round-off: never write a rank-0 LoRA entry
-            rec.stored, rec.rank, rec.energy = "zero", None, None  # module kept, as written since version 1
-            continue
-        rec.rank, rec.energy = factor.rank, factor.energy
-        assert rec.module is not None  # a lora record names its module
-        modules[rec.module] = LoraModule(name, rec.kind, factor.A, factor.B)
-    return modules
 
 
 def _stream_fits(

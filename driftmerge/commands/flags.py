@@ -64,7 +64,7 @@ def flag_args(values: BaseModel, model: type[BaseModel], *, names: Iterable[str]
         field, flag, value = model.model_fields[name], _flag(model.model_fields[name]), getattr(values, name)
         if flag is None or value is None or (value == field.default and type(value) is type(field.default)):
             continue
-        out += [flag.name, flag.text(value)]
+        out += [flag.name] if isinstance(value, bool) else [flag.name, flag.text(value)]
     return out
 
 
@@ -78,7 +78,7 @@ def split_at_output(model: type[OptionsModel]) -> tuple[list[str], list[str]]:
 def default_text(model: type[BaseModel], name: str) -> str | None:
     """The default of field ``name`` as command-line text (None when it has none)."""
     field, flag = model.model_fields[name], _flag(model.model_fields[name])
-    if flag is None or field.default is None or field.default is PydanticUndefined:
+    if flag is None or field.default is None or field.default is PydanticUndefined or isinstance(field.default, bool):
         return None
     return flag.text(field.default)
 

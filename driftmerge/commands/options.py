@@ -257,6 +257,18 @@ class ExtractOptions(OptionsModel):
             text=_size_text,
         ),
     ] = 1 << 30
+    guess_modules: Annotated[  # without a model skeleton, take 2-D *.weight tensors as Linear layers by name
+        bool,
+        Flag(
+            "--guess-modules",
+            "When transformers cannot build the model from config.json, take 2-D *.weight tensors as Linear "
+            "layers by name (wrong for Conv1D and custom layers; check the adapter with PEFT).",
+        ),
+    ] = False
+    trust_remote_code: Annotated[  # build auto_map models with their own code to map tensors to modules
+        bool,
+        Flag("--trust-remote-code", "Build a custom-code (auto_map) model with its own code to map its layers."),
+    ] = False
 
 
 class ApplyOptions(OptionsModel):

@@ -11,8 +11,8 @@ import torch
 
 from driftmerge import __version__
 from driftmerge.hub.refs import base_license
-from driftmerge.io.architecture import Architecture
 from driftmerge.io.checkpoints import Checkpoint
+from driftmerge.io.targets import Architecture
 from driftmerge.schema import FORMAT_VERSION, BaseRecord, CheckpointRecord, DriftMeta, HubEntry, Summary, TensorRecord
 
 

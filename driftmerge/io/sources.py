@@ -10,7 +10,7 @@ import torch
 
 from driftmerge.errors import InputError
 from driftmerge.hub.refs import resolve, resolve_recorded
-from driftmerge.io.adapter import Adapter, read_adapter
+from driftmerge.io.adapter import Adapter, Extra, extra_delta, read_adapter
 from driftmerge.io.checkpoints import Checkpoint, open_ref
 
 logger = logging.getLogger("driftmerge")
@@ -70,6 +70,6 @@ def delta_sources(adapter: Adapter) -> dict[str, Callable[[], torch.Tensor]]:
     return out
 
 
-def _stored(drift: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """A source that gives ``drift`` as stored (an extras tensor is already the float32 drift)."""
-    return lambda: drift
+def _stored(drift: Extra) -> Callable[[], torch.Tensor]:
+    """A source that gives an extras drift (a full-rank one is already the float32 drift)."""
+    return lambda: extra_delta(drift)
