@@ -77,8 +77,8 @@ def make_run(
     planted, curve = {}, {}
     for n, w in w0.items():
         size = drift_rms * w.numel() ** 0.5  # ‖P‖ for a per-element RMS of drift_rms
-        planted[n] = _direction(w, gen) * size
-        curve[n] = _direction(w, gen) * size
+        planted[n] = direction(w, gen) * size
+        curve[n] = direction(w, gen) * size
     paths = []
     for s in steps:
         x = s / steps[-1]
@@ -92,11 +92,16 @@ def make_run(
     return SyntheticRun(base=base, checkpoints=paths, steps=list(steps), directions=planted)
 
 
-def _direction(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A random unit-Frobenius direction: rank-1 ``u vᵀ`` for matrices, dense for vectors."""
+def direction(w: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random unit-Frobenius direction shaped like ``w``: rank-1 ``u vᵀ`` for matrices, rank-1 ``u_e v_eᵀ`` per
+    slice for 3-D ``(experts, a, b)`` stacks, dense for anything else."""
     if w.dim() == 2:
         u = torch.randn(w.shape[0], 1, generator=gen)
         v = torch.randn(1, w.shape[1], generator=gen)
+        d = u @ v
+    elif w.dim() == 3:
+        u = torch.randn(w.shape[0], w.shape[1], 1, generator=gen)
+        v = torch.randn(w.shape[0], 1, w.shape[2], generator=gen)
         d = u @ v
     else:
         d = torch.randn(w.shape, generator=gen)

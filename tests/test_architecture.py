@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from driftmerge.errors import InputError
 from driftmerge.io.architecture import DENSE_DECODERS, describe
 from driftmerge.io.skeleton import from_skeleton
 
@@ -40,3 +41,65 @@ def test_dense_decoder_names_match_the_skeleton(model_type, tie):
     assert fast.tied == slow.tied
     assert fast.fan_in_fan_out is slow.fan_in_fan_out is False
     assert "embedding" in fast.kinds.values()
+
+
+def test_without_a_config_extract_refuses_to_guess_unless_asked(caplog):
+    shapes = {"blocks.0.proj.weight": (8, 4), "blocks.0.norm.weight": (4,)}
+    with pytest.raises(InputError, match="--guess-modules"):
+        describe(None, shapes)
+    guessed = describe(None, shapes, guess=True)
+    assert guessed.source == "names" and guessed.kinds == {"blocks.0.proj.weight": "linear"}
+    assert "guessing" in caplog.text
+
+
+def test_custom_code_models_need_trust_remote_code_or_a_guess():
+    config = {"model_type": "foo", "auto_map": {"AutoModelForCausalLM": "modeling_foo.Foo"}}
+    with pytest.raises(InputError, match="--trust-remote-code"):
+        describe(config, {"x.weight": (4, 4)})
+    assert describe(config, {"x.weight": (4, 4)}, guess=True).source == "names"
+
+
+def test_an_unknown_model_type_is_one_clear_error():
+    with pytest.raises(InputError, match="cannot build a no_such_model model"):
+        describe({"model_type": "no_such_model"}, {"x.weight": (4, 4)})
+
+
+def test_renamed_keys_map_to_the_loaded_module(tmp_path):
+    """GPT-NeoX saves ``embed_out.weight``; the loaded model calls it ``lm_head``: PEFT must see ``lm_head``."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
+    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path)
+    shapes = _saved_shapes(tmp_path)
+    assert "embed_out.weight" in shapes
+    arch = describe(cfg.to_dict(), shapes, folder=tmp_path)
+    assert arch.targets["embed_out.weight"].path == "lm_head" and arch.task_type == "CAUSAL_LM"
+
+
+def test_mixtral_experts_map_to_rows_of_the_fused_stack(tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=32, num_local_experts=3, num_experts_per_tok=2,
+    )  # fmt: skip
+    MixtralForCausalLM(cfg).save_pretrained(tmp_path)
+    arch = describe(cfg.to_dict(), _saved_shapes(tmp_path), folder=tmp_path)
+    w1 = arch.targets["model.layers.0.block_sparse_moe.experts.2.w1.weight"]
+    w3 = arch.targets["model.layers.0.block_sparse_moe.experts.2.w3.weight"]
+    w2 = arch.targets["model.layers.0.block_sparse_moe.experts.2.w2.weight"]
+    assert (w1.kind, w1.path, w1.experts, w1.expert, w1.rows, w1.dims) == (
+        "experts", "model.layers.0.mlp.experts.gate_up_proj", 3, 2, (0, 24), (48, 16)
+    )  # fmt: skip
+    assert (w3.rows, w2.path, w2.rows, w2.dims) == ((24, 48), "model.layers.0.mlp.experts.down_proj", (0, 16), (16, 24))
+    # PEFT nests one wrapper per targeted parameter: gate_up_proj (registered first) sits under down_proj's
+    assert (w1.nest, w2.nest) == (1, 0)
+    router = arch.targets["model.layers.0.block_sparse_moe.gate.weight"]
+    assert (router.kind, router.path) == ("param", "model.layers.0.mlp.gate.weight")
+
+
+def _saved_shapes(folder) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)

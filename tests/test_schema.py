@@ -16,10 +16,11 @@ from driftmerge.io.adapter import read_adapter
 from driftmerge.schema import FORMAT_VERSION, parse_meta
 
 
-def _rec(shape, kind, norm, r2, stored, module=None, rank=None, energy=None) -> dict:
-    """A per-tensor record in extract's key order (``module`` only for LoRA-able tensors)."""
+def _rec(shape, kind, norm, r2, stored, module=None, rank=None, energy=None, **placement) -> dict:
+    """A per-tensor record in extract's key order (``module`` only for LoRA-able tensors; ``placement``: the
+    expert-stack fields, present only when set)."""
     rec = {"shape": shape, "kind": kind, "drift_norm": norm, "r2": r2, "stored": stored}
-    return {**rec, **({"module": module} if module else {}), "rank": rank, "energy": energy}
+    return {**rec, **({"module": module} if module else {}), "rank": rank, "energy": energy, **placement}
 
 
 HUB = {"repo_id": "org/base", "revision": None, "commit": "0123456789abcdef0123"}
@@ -53,11 +54,15 @@ META = {
         "a.k.weight": _rec([4, 4], "linear", 1e-30, None, "zero", module="a.k"),  # LoRA-able, drift below round-off
         "a.norm.weight": _rec([4], "other", 0.0, None, "zero"),
         "a.bias": _rec([4], "other", 0.25, 1.0, "extras", energy=1.0),
+        "e.experts.1.w3.weight": _rec(
+            [2, 4], "experts", 0.1, 0.99, "lora", "e.experts.gate_up_proj", 1, 0.8, experts=2, expert=1, rows=[2, 4], nest=1
+        ),
     },
     "summary": {
         "tensors": 4,
         "lora_tensors": 1,
         "extras_tensors": 1,
+        "extras_kinds": {"bias": 1},
         "zero_tensors": ["a.k.weight", "a.norm.weight"],
         "rank_min": 2,
         "rank_max": 2,
