@@ -75,6 +75,8 @@ def extract_cmd(
 
 
 def print_summary(result: ExtractResult, next_hint: bool = True) -> None:
+    from driftmerge.hub.cards import extras_text
+
     m, s = result.meta, result.summary
     steps = ", ".join(str(c.step) for c in m.checkpoints)
     r2 = "n/a (needs 2+ checkpoints)" if s.median_r2 is None else f"{s.median_r2:.4f}"
@@ -84,13 +86,13 @@ def print_summary(result: ExtractResult, next_hint: bool = True) -> None:
         f"wrote {result.out_dir}",
         f"  checkpoints  {len(m.checkpoints)} at steps {steps} ({m.steps_source}); scale 1 = step {m.s_ref}",
         f"  tensors      {s.tensors} fitted: {s.lora_tensors} LoRA ({ranks}), "
-        f"{s.extras_tensors} full-rank extras, {len(s.zero_tensors)} without drift (left out)",
+        f"{s.extras_tensors} extras ({extras_text(s)}), {len(s.zero_tensors)} without drift (left out)",
         f"  energy kept  {s.energy_kept:.4f} of the LoRA tensors' drift energy ({m.fit} fit, {m.svd} SVD)",
         f"  median R²    {r2}",
         f"  size         {human_bytes(s.adapter_bytes)} adapter vs {human_bytes(s.checkpoint_bytes)} checkpoint"
         f" ({ratio:.2%})",
         f"  not in PEFT  {100 * s.extras_share:.2f} % of the drift energy sits in drift_extras.safetensors"
-        " (norms, biases); PEFT ignores it, `driftmerge apply` uses it",
+        "; PEFT ignores it, `driftmerge apply` uses it",
     ]
     for r, (tensors, nbytes, seconds) in enumerate(result.ranks):
         lines.append(

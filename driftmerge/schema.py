@@ -106,6 +106,7 @@ class Summary(_Record):
     tensors: int
     lora_tensors: int
     extras_tensors: int
+    extras_kinds: dict[str, int] = Field(default_factory=dict)  # what the extras hold: "norm", "bias", "factored"…
     zero_tensors: list[str]
     rank_min: int
     rank_max: int

@@ -33,6 +33,7 @@ from driftmerge import __version__
 from driftmerge.core.devices import DTYPES
 from driftmerge.core.drift import scale_for_step, step_for_scale
 from driftmerge.errors import InputError, OutputError
+from driftmerge.hub.cards import extras_text
 from driftmerge.io.adapter import Adapter, read_adapter
 from driftmerge.io.checkpoints import Checkpoint, check_compatible
 from driftmerge.io.outputs import check_output_file, write_text_atomic
@@ -132,7 +133,8 @@ def fidelity_notes(meta: DriftMeta, via: str) -> list[str]:
     left = f"{100 * summary.extras_share:.2f} % of the drift energy"
     return [
         "W0 + scale · B A on the LoRA-carrying tensors, as apply gives",
-        f"not the extras ({left}: norms, biases in drift_extras.safetensors): PEFT and mergekit do not read them,"
+        f"not the extras ({left}: {extras_text(summary)} in drift_extras.safetensors): PEFT and mergekit do not"
+        " read them,"
         " so those tensors stay at the base",
     ]
 

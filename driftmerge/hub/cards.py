@@ -52,7 +52,14 @@ def drift_facts(meta: DriftMeta, summary: Summary) -> str:
 - fit: `{meta.fit}`; factorization: `{meta.svd}` (seed {meta.seed}); rank rule: {meta.rank_rule}
 - LoRA modules: {summary.lora_tensors}, {_ranks(summary)}; drift energy kept by the factors: {kept}
 - linearity: median R² of the fitted line over the tensors: {_fmt(summary.median_r2)}
-- outside PEFT: {summary.extras_tensors} full-rank tensors (norms, biases), {share} of the drift energy"""
+- outside PEFT (`drift_extras.safetensors`): {summary.extras_tensors} tensors ({extras_text(summary)}), {share}
+  of the drift energy"""
+
+
+def extras_text(summary: Summary) -> str:
+    """What the extras hold, by kind: ``5 norm, 4 bias, 1 factored`` (or ``none``)."""
+    kinds = summary.extras_kinds
+    return ", ".join(f"{n} {k}" for k, n in kinds.items()) if kinds else "none" if not summary.extras_tensors else "?"
 
 
 def adapter_card(meta: DriftMeta, summary: Summary) -> str:
@@ -67,8 +74,8 @@ The linear weight drift of an RLVR run, fitted across the base and its checkpoin
 {scaled}
 {drift_facts(meta, summary)}
 
-**PEFT sees only part of the drift.** `drift_extras.safetensors` holds the full-rank drift of
-{summary.extras_tensors} tensors PEFT cannot scale (norms, biases, other 1-D tensors):
+**PEFT sees only part of the drift.** `drift_extras.safetensors` holds the drift of
+{summary.extras_tensors} tensors PEFT cannot carry ({extras_text(summary)}; factored ones as low-rank factors):
 {100 * summary.extras_share:.2f} % of the drift's energy. PEFT ignores that file; `driftmerge apply` uses it.
 {_tied_note(meta)}
 ## Use

@@ -89,6 +89,7 @@ def summarize_records(records: dict[str, TensorRecord], *, base: Checkpoint, cks
         tensors=len(records),
         lora_tensors=len(lora),
         extras_tensors=len(extras),
+        extras_kinds=extras_kinds(records),
         zero_tensors=[n for n, r in records.items() if r.stored == "zero"],
         rank_min=min(ranks, default=0),
         rank_max=max(ranks, default=0),
@@ -98,3 +99,23 @@ def summarize_records(records: dict[str, TensorRecord], *, base: Checkpoint, cks
         checkpoint_bytes=cks[-1].weight_bytes,
         base_bytes=base.weight_bytes,
     )
+
+
+def extras_kinds(records: dict[str, TensorRecord]) -> dict[str, int]:
+    """How many extras tensors of each kind: ``factored`` (stored as low-rank factors), ``bias``, ``norm`` (a 1-D
+    tensor of a norm layer), ``vector`` (other 1-D), ``matrix`` (other full-rank, 2+ dims); by name and shape."""
+    counts: dict[str, int] = {}
+    for name, rec in records.items():
+        if rec.stored != "extras":
+            continue
+        leaf = name.rsplit(".", 2)
+        if rec.rank is not None:
+            kind = "factored"
+        elif name.endswith("bias"):
+            kind = "bias"
+        elif len(rec.shape) == 1 and any("norm" in p or p.startswith("ln") for p in leaf[-2:-1] or [name]):
+            kind = "norm"
+        else:
+            kind = "vector" if len(rec.shape) == 1 else "matrix"
+        counts[kind] = counts.get(kind, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
