@@ -55,7 +55,18 @@ META = {
         "a.norm.weight": _rec([4], "other", 0.0, None, "zero"),
         "a.bias": _rec([4], "other", 0.25, 1.0, "extras", energy=1.0),
         "e.experts.1.w3.weight": _rec(
-            [2, 4], "experts", 0.1, 0.99, "lora", "e.experts.gate_up_proj", 1, 0.8, experts=2, expert=1, rows=[2, 4], nest=1
+            [2, 4],
+            "experts",
+            0.1,
+            0.99,
+            "lora",
+            "e.experts.gate_up_proj",
+            1,
+            0.8,
+            experts=2,
+            expert=1,
+            rows=[2, 4],
+            nest=1,
         ),
     },
     "summary": {
