@@ -117,3 +117,20 @@ def test_a_failing_rank_fails_the_run_and_leaves_nothing(run, tmp_path):
     assert len(ours) == 1, done.stderr  # rank 0 speaks for the run
     assert "rank 1 of 2" in ours[0] and victim in ours[0] and "NaN" in ours[0]
     assert not (tmp_path / "adapter").exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_moe_extract_on_two_ranks_keeps_each_experts_pieces_together(tmp_path):
+    """Mixtral's per-expert ``w1``/``w3`` keys are rows of one expert matrix: whichever rank reads them must get
+    both, or the fused matrix would be factorized with zero rows. Same bytes as one process."""
+    from zoo import make_zoo_run
+
+    zoo_run = make_zoo_run(tmp_path / "run", "mixtral", dtype=torch.float32)
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    args = ["extract", zoo_run.base, *zoo_run.checkpoints, "-o", "adapter", "--rank", "2"]
+    done = single(args, one)
+    assert done.returncode == 0, done.stderr
+    done = torchrun(args, two)
+    assert done.returncode == 0, done.stderr
+    assert _files(one / "adapter") == _files(two / "adapter")

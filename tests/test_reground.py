@@ -192,3 +192,32 @@ def test_callback_logs_the_reward_around_a_jump(tmp_path):
     jump = next(e for e in trainer.state.log_history if "drift/scale" in e)
     after = next(e for e in trainer.state.log_history if "drift/reward_after" in e)
     assert jump["drift/reward_before"] == float(M) and after["drift/reward_after"] == float(M + 1)
+
+
+def test_a_moe_expert_stack_jumps_at_the_rank_of_each_expert():
+    """transformers 5 holds Mixtral's experts as one (E, out, in) parameter: each expert's jump is rank 1 at rank 1
+    (not one rank-1 matrix for the stack, not full rank)."""
+    from zoo import build
+
+    from driftmerge.core.reground import Regrounder
+
+    model = build("mixtral")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    param = dict(model.named_parameters())[name]
+    grounder = Regrounder({name: param}, every=4, jump=4, window=2, rank=1)
+    grounder.start(0)
+    w0 = param.detach().clone()
+    g = torch.Generator().manual_seed(0)
+    direction = torch.randn(param.shape, generator=g) * 1e-2  # full rank per expert
+    for step in (1, 2, 3, 4):
+        with torch.no_grad():
+            param.copy_(w0 + step / 4 * direction)
+        jump = grounder.step(step)
+    assert jump is not None and jump.scale == 2.0
+    moved = (param.detach() - w0).float()  # scale · rank-1 drift per expert
+    assert moved.shape[0] == 4
+    for e in range(moved.shape[0]):
+        s = torch.linalg.svdvals(moved[e])
+        assert s[1] < 1e-4 * s[0], (e, s[:3])
+        best = torch.linalg.svdvals(2.0 * direction[e])[0]  # the rank-1 part of the true jump
+        assert torch.isclose(s[0], best, rtol=1e-3)

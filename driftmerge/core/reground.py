@@ -2,8 +2,8 @@
 
 Every ``every`` (M) optimizer steps, :class:`Regrounder` fits the drift of the window that just ended with the same
 math as ``extract`` — the line through the window's start and ``window`` (K) evenly spaced snapshots at
-``t = M/K, 2M/K, …, M`` (``lsq``, ``pca`` or ``endpoint``), each 2-D weight factorized at ``rank`` (None: full
-rank), 1-D tensors full rank — and sets every trainable parameter to
+``t = M/K, 2M/K, …, M`` (``lsq``, ``pca`` or ``endpoint``), each 2-D weight (and each expert of a 3-D MoE
+stack) factorized at ``rank`` (None: full rank), 1-D tensors full rank — and sets every trainable parameter to
 
     W = W_start + scale · D,   scale = (M + N) / M   (or the ``scale`` given),
 
@@ -101,23 +101,25 @@ class Regrounder:
             drift = fit.drift
             if fit.r2 is not None:
                 r2s.append(fit.r2)
-            if drift.dim() == 2:  # extract's LoRA tensors; 1-D ones are its full-rank extras
-                sq = float(drift.pow(2).sum())
-                total += sq
-                if self.rank is not None and sq > 0.0:
-                    (f,) = factorize(
-                        [drift],
+            if drift.dim() in (2, 3):  # extract's LoRA tensors, and MoE expert stacks one expert at a time
+                mats = [drift] if drift.dim() == 2 else list(drift.unbind(0))  # (m, n) each
+                sqs = [float(m.pow(2).sum()) for m in mats]
+                total += sum(sqs)
+                if self.rank is not None and sum(sqs) > 0.0:
+                    fs = factorize(
+                        mats,
                         self.rank,
-                        seeds=[matrix_seed(self.seed, n)],
+                        seeds=[matrix_seed(self.seed, n if len(mats) == 1 else f"{n}[{e}]") for e in range(len(mats))],
                         method="randomized",
                         niter=2,
                         oversample=8,
                         compute_dtype=self.factor_dtype,
                     )
-                    drift = f.B @ f.A  # (m, n), the weight's own layout
-                    kept += f.energy * sq
+                    low = [f.B @ f.A for f in fs]  # (m, n) each, the weight's own layout
+                    drift = low[0] if drift.dim() == 2 else torch.stack(low)
+                    kept += sum(f.energy * sq for f, sq in zip(fs, sqs, strict=True))
                 else:
-                    kept += sq
+                    kept += sum(sqs)
             p.copy_(moved(self.w_start[n], drift, scale=self.scale, dtype=p.dtype).to(p.device))
         energy = kept / total if total > 0 else 1.0
         median = statistics.median(r2s) if r2s else None
