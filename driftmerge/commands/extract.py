@@ -174,7 +174,7 @@ def _fit_share(
             records[name] = TensorRecord(**facts, drift_norm=norm, stored="lora")
             if target.kind != "experts":  # PEFT's B A is (out, in): the weight for Linear, its transpose otherwise
                 factorizer.add(name, fit.drift, transposed=target.kind in ("embedding", "conv1d"))
-        elif factor_extra(fit.drift):
+        elif factor_extra(name, fit.drift):
             records[name] = TensorRecord(**facts, drift_norm=norm, stored="extras")
             factorizer.add(name, fit.drift.reshape(-1, fit.drift.shape[-1]))  # (prod(shape[:-1]), shape[-1])
         else:

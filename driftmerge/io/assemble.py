@@ -84,13 +84,13 @@ def group_of(name: str, target: Target | None) -> str:
     return name
 
 
-def factor_extra(drift: torch.Tensor) -> bool:
-    """Is this extras drift large enough to store as factors (a matrix view of 2+ dims, both sides > 1)?"""
-    return (
-        drift.dim() >= 2
-        and drift.numel() >= FACTOR_EXTRAS_MIN
-        and min(drift.shape[-1], drift.numel() // drift.shape[-1]) > 1
-    )
+def factor_extra(name: str, drift: torch.Tensor) -> bool:
+    """Is this extras drift large enough to store as factors (a matrix view of 2+ dims, both sides > 1)? Biases
+    never are: a stack of per-expert biases ``(E, out)`` holds E independent vectors, which one rank-r factor pair
+    would force into a shared r-dimensional subspace."""
+    if name.endswith("bias") or drift.dim() < 2 or drift.numel() < FACTOR_EXTRAS_MIN:
+        return False
+    return min(drift.shape[-1], drift.numel() // drift.shape[-1]) > 1
 
 
 def assemble(
