@@ -18,7 +18,7 @@ from driftmerge.commands.apply import apply_drift
 from driftmerge.commands.extract import ExtractOptions, extract
 from driftmerge.commands.options import ApplyOptions
 from driftmerge.errors import InputError
-from driftmerge.io.adapter import read_adapter
+from driftmerge.io.adapter import extra_delta, read_adapter
 from driftmerge.io.checkpoints import Checkpoint, resolve_steps, step_from_path
 
 
@@ -275,3 +275,38 @@ def test_tensor_without_drift_is_left_out_and_reported(runs, tmp_path):
     assert all(m.rank >= 1 for m in adapter.modules.values())
     out = load_weights(apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=1.5)).out_dir)
     assert torch.equal(out[frozen], base_w)
+
+
+@pytest.mark.parametrize("rank", [1, 1.0])
+def test_large_tensors_peft_cannot_carry_are_stored_factored(tmp_path, monkeypatch, rank):
+    """Qwen2-VL's 5-D patch-embedding convolution has no PEFT target: with the size threshold lowered it goes to the
+    extras as rank-r factors of its ``(prod(shape[:-1]), shape[-1])`` view; ``apply`` adds exactly ``B A`` (and at
+    rank share 1.0, the whole drift)."""
+    from safetensors import safe_open
+    from zoo import make_zoo_run
+
+    import driftmerge.io.assemble as assemble
+
+    monkeypatch.setattr(assemble, "FACTOR_EXTRAS_MIN", 256)
+    run = make_zoo_run(tmp_path / "run", "qwen2_vl")
+    name = "visual.patch_embed.proj.weight"
+    extract(
+        run.base, run.checkpoints, out_dir=tmp_path / "a", options=ExtractOptions(rank=rank, factor_dtype="float32")
+    )
+    adapter = read_adapter(tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "drift_extras.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {f"{name}.extra_A", f"{name}.extra_B"} <= keys and name not in keys
+    rec = adapter.meta.tensors[name]
+    assert rec.stored == "extras" and len(rec.shape) == 5 and rec.rank is not None and rec.rank >= 1
+    if isinstance(rank, int):
+        assert rec.rank == rank
+    assert adapter.meta.summary.extras_kinds["factored"] >= 1
+    stored = adapter.extras[name]
+    apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=1.0))
+    base, last, out = (load_weights(p)[name].float() for p in (run.base, run.checkpoints[-1], tmp_path / "m"))
+    assert torch.allclose(out - base, extra_delta(stored), atol=1e-6)  # the stored factors, nothing else
+    if isinstance(rank, float):  # every singular value kept: the fitted drift itself
+        assert torch.allclose(out, last, atol=1e-5)
+    else:
+        assert torch.linalg.matrix_rank(extra_delta(stored).reshape(-1, rec.shape[-1]), atol=1e-7) == 1
