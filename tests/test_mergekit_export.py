@@ -169,6 +169,29 @@ def test_lora_merge_equals_apply_on_lora_tensors(run, adapters, tmp_path):
 
 @pytest.mark.slow
 @needs_mergekit
+def test_lora_merge_of_a_moe_adapter_equals_apply(tmp_path):
+    """A Mixtral adapter carries its experts and routers through PEFT ``target_parameters``; mergekit merges it
+    with PEFT and writes the transformers-5 layout (fused experts), so compare the models as transformers loads
+    them: every parameter but the extras' (norms) equals ``apply``'s."""
+    from zoo import load, make_zoo_run
+
+    run = make_zoo_run(tmp_path / "run", "mixtral")
+    extract(run.base, run.checkpoints, out_dir=tmp_path / "a", options=ExtractOptions(rank=1, factor_dtype="float32"))
+    r = export_mergekit(tmp_path / "a", tmp_path / "mk.yaml", scale=1.5, via="lora")
+    mergekit(r.out_file, tmp_path / "merged")
+    apply_drift(tmp_path / "a", tmp_path / "applied", options=ApplyOptions(scale=1.5))
+    merged, applied, base = (
+        load("mixtral", p).state_dict() for p in (tmp_path / "merged", tmp_path / "applied", run.base)
+    )
+    experts = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(applied[experts], base[experts])
+    for name, w in applied.items():
+        norm = name.endswith("norm.weight")  # the extras: PEFT and mergekit do not read them
+        assert torch.allclose(merged[name], base[name] if norm else w, rtol=0, atol=1e-5 * float(w.abs().max())), name
+
+
+@pytest.mark.slow
+@needs_mergekit
 def test_bfloat16_base_stores_bfloat16_like_apply(tmp_path, monkeypatch, capsys):
     """A bfloat16 run: the default config computes in float32 and stores bfloat16 (the base's dtype), as apply
     does. Both round the same float32 number to a few float32 ulps; bfloat16 checkpoints make exact ties (a result
