@@ -1,6 +1,7 @@
 """Find the checkpoints of a training run folder and pick some: TRL, verl and plain ``step*`` layouts.
 
-- TRL / transformers ``Trainer``: ``RUN/checkpoint-N/`` (a Hugging Face model folder).
+- TRL / transformers ``Trainer``: ``RUN/checkpoint-N/`` (a Hugging Face model folder, or a PEFT adapter folder when
+  the run trained LoRA).
 - verl: ``RUN/global_step_N/actor/huggingface/`` (written with ``save_contents`` holding ``hf_model``, or by
   ``python -m verl.model_merger merge``); an actor folder holding only FSDP/Megatron shards is not a model folder.
 - plain: ``RUN/step_N/``, ``RUN/stepN/``, ``RUN/ckpt-N/``, ``RUN/global_step_N/`` holding a model.
@@ -18,7 +19,13 @@ from pathlib import Path
 from driftmerge.errors import InputError
 
 _NAMED = re.compile(r"^(?:checkpoint|global_step|step|ckpt)[-_]?(\d+)$")
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHTS = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",  # a run trained with LoRA: PEFT adapter checkpoints (io/lora_run.py)
+)
 VERL_MERGE_HINT = (
     "convert it with verl's model merger first, e.g. `python -m verl.model_merger merge --backend fsdp "
     "--local_dir {actor} --target_dir {actor}/huggingface`"
