@@ -24,6 +24,7 @@ import torch
 from driftmerge.commands.distributed import distributed
 from driftmerge.commands.options import ExtractOptions
 from driftmerge.core.devices import DTYPES, resolve_device, resolve_factor_dtype
+from driftmerge.core.factored import FactoredFit, factor_product, fit_factored
 from driftmerge.core.factorizer import GroupFactorizer
 from driftmerge.core.lowrank import Factor
 from driftmerge.core.trajectory import LineAccumulator, TensorFit
@@ -33,6 +34,7 @@ from driftmerge.io.adapter import peft_config, write_adapter
 from driftmerge.io.architecture import describe
 from driftmerge.io.assemble import ExpertQueue, assemble, factor_extra, group_of, placement
 from driftmerge.io.checkpoints import Checkpoint, open_run
+from driftmerge.io.lora_run import LoraCheckpoint, dense_weight, is_lora_run, lora_plan, open_lora_run
 from driftmerge.io.metadata import build_meta
 from driftmerge.io.outputs import atomic_output_dir, check_output_dir
 from driftmerge.io.stream import raise_not_finite, stream_deltas
@@ -108,6 +110,12 @@ class _Job:
     names: list[str]
     out_dir: Path
     factor_dtype: str
+    lora: list[LoraCheckpoint] = field(default_factory=list)  # a LoRA-trained run's checkpoints (then cks is [])
+
+    @property
+    def inputs(self) -> list[Checkpoint | LoraCheckpoint]:
+        """The checkpoints in step order, whichever kind the run has."""
+        return [*self.cks, *self.lora]
 
 
 @dataclass
@@ -125,9 +133,15 @@ class _Part:
 def _prepare(
     base: str | Path, checkpoints: Sequence[str | Path], out_dir: str | Path, opts: ExtractOptions, overwrite: bool
 ) -> _Job:
-    base_ck, cks, steps, source = open_run(base, checkpoints, steps=opts.steps, base_step=opts.base_step)
+    lora: list[LoraCheckpoint] = []
+    if is_lora_run(checkpoints):  # a run trained with LoRA: its checkpoints are PEFT adapters
+        base_ck, lora, steps, source = open_lora_run(base, checkpoints, steps=opts.steps, base_step=opts.base_step)
+        cks: list[Checkpoint] = []
+    else:
+        base_ck, cks, steps, source = open_run(base, checkpoints, steps=opts.steps, base_step=opts.base_step)
     out = Path(out_dir)
-    check_output_dir(out, [base_ck.path, *(c.path for c in cks)], overwrite=overwrite)  # fail before the long pass
+    inputs = [base_ck.path, *(c.path for c in cks), *(c.path for c in lora)]
+    check_output_dir(out, inputs, overwrite=overwrite)  # fail before the long pass
     arch = describe(
         base_ck.config,
         {n: i.shape for n, i in base_ck.infos.items()},
@@ -140,64 +154,130 @@ def _prepare(
         raise InputError("no floating-point tensors left to fit (check --include / --exclude)")
     _check_rank(opts.rank, [_matrix_shape(base_ck.infos[n].shape, arch.targets[n]) for n in names if n in arch.targets])
     factor_dtype = resolve_factor_dtype(opts.factor_dtype, resolve_device(opts.device))
-    return _Job(base_ck, cks, steps, source, arch, names, out, factor_dtype)
+    return _Job(base_ck, cks, steps, source, arch, names, out, factor_dtype, lora)
+
+
+class _Store:
+    """Where each fitted tensor's drift goes: LoRA factors (batched by the factorizer, or given), an expert
+    stack, the extras (factored when large), or nowhere (no drift); one record per tensor."""
+
+    def __init__(self, job: _Job, opts: ExtractOptions, factor_budget: int) -> None:
+        self.job = job
+        self.records: dict[str, TensorRecord] = {}
+        self.extras: dict[str, torch.Tensor] = {}
+        self.given: dict[str, Factor] = {}
+        self.factorizer = GroupFactorizer(opts, DTYPES[job.factor_dtype], factor_budget)
+        self.experts = ExpertQueue(self.factorizer)
+        self.moved = [False] * len(job.inputs)
+
+    def _facts(self, name: str, r2: float | None, sq_norms: list[float]) -> tuple[dict[str, Any], Target | None]:
+        for j, sq in enumerate(sq_norms):
+            self.moved[j] = self.moved[j] or sq > 0.0
+        target = self.job.arch.targets.get(name)
+        facts: dict[str, Any] = {
+            "shape": list(self.job.base.infos[name].shape),
+            "kind": target.kind if target is not None else "other",
+            "r2": r2,
+        }
+        return facts | (placement(target) if target is not None else {}), target
+
+    def add(self, name: str, fit: TensorFit) -> None:
+        """A dense drift: to the factorizer, an expert stack, or the extras."""
+        facts, target = self._facts(name, fit.r2, fit.delta_sq_norms)
+        norm = float(torch.linalg.vector_norm(fit.drift))
+        if target is not None and target.kind == "experts":  # zero or not, an expert's matrix needs its pieces
+            self.experts.add(fit.drift, target)
+        if norm == 0.0:
+            self.records[name] = TensorRecord(**facts, drift_norm=norm, stored="zero")
+        elif target is not None:
+            self.records[name] = TensorRecord(**facts, drift_norm=norm, stored="lora")
+            if target.kind != "experts":  # PEFT's B A is (out, in): the weight for Linear, its transpose otherwise
+                self.factorizer.add(name, fit.drift, transposed=target.kind in ("embedding", "conv1d"))
+        elif factor_extra(name, fit.drift):
+            self.records[name] = TensorRecord(**facts, drift_norm=norm, stored="extras")
+            self.factorizer.add(name, fit.drift.reshape(-1, fit.drift.shape[-1]))  # (prod(shape[:-1]), shape[-1])
+        else:
+            self.records[name] = TensorRecord(**facts, drift_norm=norm, stored="extras", energy=1.0)
+            self.extras[name] = fit.drift.cpu()
+
+    def add_factored(self, name: str, fit: FactoredFit, *, rank: int | float) -> None:
+        """A drift ``U V`` of low-rank updates (a LoRA-trained module): factorized exactly, never dense."""
+        facts, target = self._facts(name, fit.r2, fit.delta_sq_norms)
+        norm = fit.drift_sq_norm**0.5
+        if norm == 0.0 or target is None:
+            self.records[name] = TensorRecord(**facts, drift_norm=norm, stored="zero")
+            return
+        self.records[name] = TensorRecord(**facts, drift_norm=norm, stored="lora")
+        self.given[name] = factor_product(fit.U, fit.V, rule=rank)
+
+    def untouched(self, name: str) -> None:
+        """A tensor no checkpoint changes (a LoRA run leaves it at the base)."""
+        facts, _ = self._facts(name, None, [])
+        self.records[name] = TensorRecord(**facts, drift_norm=0.0, stored="zero")
+
+    def part(self) -> _Part:
+        self.experts.finish()
+        t0 = time.perf_counter()
+        factors = self.factorizer.finish() | self.given
+        logger.info(
+            "factorization: %.2f s in all, %.2f s after the pass", self.factorizer.seconds, time.perf_counter() - t0
+        )
+        factors = {
+            n: Factor(B=f.B.cpu(), A=f.A.cpu(), energy=f.energy, iterations=f.iterations) for n, f in factors.items()
+        }
+        return _Part(self.records, self.extras, factors, self.moved, slice_sq=self.experts.sq)
 
 
 def _fit_share(
     job: _Job, names: list[str], opts: ExtractOptions, device: torch.device, progress: Progress | None
 ) -> _Part:
     """Stream ``names`` through the line fit and factorize the matrices: this rank's share of the work."""
-    base_ck, arch = job.base, job.arch
+    if job.lora:
+        return _fit_share_lora(job, names, opts, device, progress)
     t = [s - opts.base_step for s in job.steps]
-    records: dict[str, TensorRecord] = {}
-    extras: dict[str, torch.Tensor] = {}
     read_ahead = min(opts.max_memory // 4, 1 << 30)
-    factorizer = GroupFactorizer(opts, DTYPES[job.factor_dtype], opts.max_memory - read_ahead)
-    moved = [False] * len(job.cks)
-    experts = ExpertQueue(factorizer)
+    store = _Store(job, opts, opts.max_memory - read_ahead)
     t_start, stats = time.perf_counter(), {"waited": 0.0}
-    sources = [base_ck, *job.cks]
+    sources = [job.base, *job.cks]
     for done, (name, fit) in enumerate(_stream_fits(names, sources, t, opts.fit, device, read_ahead, stats), 1):
-        for j, sq in enumerate(fit.delta_sq_norms):
-            moved[j] = moved[j] or sq > 0.0
-        norm = float(torch.linalg.vector_norm(fit.drift))
-        target = arch.targets.get(name)
-        kind = target.kind if target is not None else "other"
-        facts: dict[str, Any] = {"shape": list(base_ck.infos[name].shape), "kind": kind, "r2": fit.r2}
-        if target is not None:
-            facts.update(placement(target))
-        if target is not None and target.kind == "experts":  # zero or not, an expert's matrix needs its pieces
-            experts.add(fit.drift, target)
-        if norm == 0.0:
-            records[name] = TensorRecord(**facts, drift_norm=norm, stored="zero")
-        elif target is not None:
-            records[name] = TensorRecord(**facts, drift_norm=norm, stored="lora")
-            if target.kind != "experts":  # PEFT's B A is (out, in): the weight for Linear, its transpose otherwise
-                factorizer.add(name, fit.drift, transposed=target.kind in ("embedding", "conv1d"))
-        elif factor_extra(name, fit.drift):
-            records[name] = TensorRecord(**facts, drift_norm=norm, stored="extras")
-            factorizer.add(name, fit.drift.reshape(-1, fit.drift.shape[-1]))  # (prod(shape[:-1]), shape[-1])
-        else:
-            records[name] = TensorRecord(**facts, drift_norm=norm, stored="extras", energy=1.0)
-            extras[name] = fit.drift.cpu()
+        store.add(name, fit)
         del fit
         if progress:
             progress(done, len(names), name)
-    experts.finish()
-    t_pass = time.perf_counter()
-    factors = factorizer.finish()
     logger.info(
-        "pass over %d tensors: %.2f s (%.2f s waiting for reads); factorization: %.2f s in all, %.2f s after the pass",
+        "pass over %d tensors: %.2f s (%.2f s waiting for reads)",
         len(names),
-        t_pass - t_start,
+        time.perf_counter() - t_start,
         stats["waited"],
-        factorizer.seconds,
-        time.perf_counter() - t_pass,
     )
-    factors = {
-        n: Factor(B=f.B.cpu(), A=f.A.cpu(), energy=f.energy, iterations=f.iterations) for n, f in factors.items()
-    }
-    return _Part(records, extras, factors, moved, slice_sq=experts.sq)
+    return store.part()
+
+
+def _fit_share_lora(
+    job: _Job, names: list[str], opts: ExtractOptions, device: torch.device, progress: Progress | None
+) -> _Part:
+    """A LoRA-trained run: each LoRA module's line from its checkpoints' factors (:mod:`driftmerge.core.factored`),
+    ``modules_to_save`` copies and trainable tokens as dense drifts, every other tensor untouched."""
+    t = [s - opts.base_step for s in job.steps]
+    store = _Store(job, opts, opts.max_memory)
+    plan = lora_plan(job.base, job.lora, targets=job.arch.targets)
+    for done, name in enumerate(names, 1):
+        how = plan.get(name)
+        if how is None:
+            store.untouched(name)
+        elif how[0] == "lora":
+            ups = [ck.update(how[1]) for ck in job.lora]  # (s B, A) per checkpoint, PEFT's orientation
+            fit = fit_factored([b.to(device) for b, _ in ups], [a.to(device) for _, a in ups], t=t, fit=opts.fit)
+            store.add_factored(name, fit, rank=opts.rank)
+        else:
+            w0 = job.base.get(name).to(device).float()
+            acc = LineAccumulator(t, opts.fit)
+            for ck in job.lora:
+                acc.add(dense_weight(ck, how, w0=w0) - w0)
+            store.add(name, acc.finish())
+        if progress:
+            progress(done, len(names), name)
+    return store.part()
 
 
 def _merge(parts: list[_Part], names: list[str]) -> _Part:
@@ -218,7 +298,7 @@ def _merge(parts: list[_Part], names: list[str]) -> _Part:
 def _write(
     job: _Job, part: _Part, opts: ExtractOptions, device: torch.device, overwrite: bool, command: str | None
 ) -> ExtractResult:
-    base_ck, cks, records = job.base, job.cks, part.records
+    base_ck, cks, records = job.base, job.inputs, part.records
     modules, extras = assemble(
         part.factors, records, targets=job.arch.targets, slice_sq=part.slice_sq, extras=part.extras
     )

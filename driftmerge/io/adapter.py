@@ -246,8 +246,8 @@ def read_adapter(folder: str | Path) -> Adapter:
             raise InputError(f"{folder / ADAPTER_WEIGHTS}: no factors for {path}; run driftmerge extract again")
         experts = rec.experts or 0
         r = weights[key_a].shape[0] // max(experts, 1)
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", r))
-        r_cfg = _pattern_value(config.get("rank_pattern") or {}, path, config.get("r", r))
+        alpha = pattern_value(config.get("alpha_pattern") or {}, path, default=config.get("lora_alpha", r))
+        r_cfg = pattern_value(config.get("rank_pattern") or {}, path, default=config.get("r", r))
         if r_cfg != r:
             raise InputError(
                 f"{folder}: {path} has rank {r} on disk but {r_cfg} in {ADAPTER_CONFIG}; run driftmerge extract again"
@@ -268,7 +268,7 @@ def read_adapter(folder: str | Path) -> Adapter:
     return Adapter(modules=modules, extras=extras, meta=meta, config=config)
 
 
-def _pattern_value(pattern: dict[str, Any], path: str, default: Any) -> Any:
+def pattern_value(pattern: dict[str, Any], path: str, *, default: Any) -> Any:
     """PEFT's rule: the first pattern key ``k`` with ``re.match(rf"(.*\\.)?({k})$", path)`` wins."""
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?({key})$", path):

@@ -29,6 +29,7 @@ SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+MODEL_WEIGHTS = (SAFE_SINGLE, SAFE_INDEX, BIN_SINGLE, BIN_INDEX)  # a folder holding one of these is a model
 
 _SAFE_DTYPES = {
     "F64": torch.float64,

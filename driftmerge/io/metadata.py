@@ -5,6 +5,7 @@ options and per-tensor facts, with the summary printed and put in the model card
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -12,13 +13,14 @@ import torch
 from driftmerge import __version__
 from driftmerge.hub.refs import base_license
 from driftmerge.io.checkpoints import Checkpoint
+from driftmerge.io.lora_run import LoraCheckpoint
 from driftmerge.io.targets import Architecture
 from driftmerge.schema import FORMAT_VERSION, BaseRecord, CheckpointRecord, DriftMeta, HubEntry, Summary, TensorRecord
 
 
 def build_meta(
     base: Checkpoint,
-    cks: list[Checkpoint],
+    cks: Sequence[Checkpoint | LoraCheckpoint],
     *,
     steps: list[int],
     source: str,
@@ -70,13 +72,15 @@ def build_meta(
     )
 
 
-def _hub(ck: Checkpoint) -> HubEntry | None:
+def _hub(ck: Checkpoint | LoraCheckpoint) -> HubEntry | None:
     """The ``{repo_id, revision, commit}`` dict :mod:`driftmerge.hub.refs` recorded for a Hub input (validated as the
     record is built), else None: no ``hub`` key is written."""
     return cast("HubEntry | None", ck.hub)
 
 
-def summarize_records(records: dict[str, TensorRecord], *, base: Checkpoint, cks: list[Checkpoint]) -> Summary:
+def summarize_records(
+    records: dict[str, TensorRecord], *, base: Checkpoint, cks: Sequence[Checkpoint | LoraCheckpoint]
+) -> Summary:
     """Totals over ``records``; ``energy_kept`` and ``extras_share`` as defined on :class:`Summary`."""
     lora = [r for r in records.values() if r.stored == "lora"]
     extras = [r for r in records.values() if r.stored == "extras"]

@@ -17,15 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from driftmerge.errors import InputError
+from driftmerge.io.adapter import ADAPTER_WEIGHTS
+from driftmerge.io.checkpoints import MODEL_WEIGHTS
 
 _NAMED = re.compile(r"^(?:checkpoint|global_step|step|ckpt)[-_]?(\d+)$")
-_WEIGHTS = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "adapter_model.safetensors",  # a run trained with LoRA: PEFT adapter checkpoints (io/lora_run.py)
-)
+_WEIGHTS = (*MODEL_WEIGHTS, ADAPTER_WEIGHTS)  # adapter weights: a run trained with LoRA (io/lora_run.py)
 VERL_MERGE_HINT = (
     "convert it with verl's model merger first, e.g. `python -m verl.model_merger merge --backend fsdp "
     "--local_dir {actor} --target_dir {actor}/huggingface`"
