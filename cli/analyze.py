@@ -1,4 +1,5 @@
-"""``driftmerge analyze BASE CHECKPOINT...`` or ``driftmerge analyze ADAPTER``: linearity and rank evidence."""
+"""``driftmerge analyze BASE CHECKPOINT...``, ``driftmerge analyze [BASE] --run-dir DIR`` or ``driftmerge analyze
+ADAPTER``: linearity and rank evidence."""
 
 from __future__ import annotations
 
@@ -6,10 +7,19 @@ from typing import Any
 
 import click
 from driftmerge_cli.common import SizeType, StepsType, progress_bar
+from driftmerge_cli.extract import run_dir_inputs
+from driftmerge_cli.options import LazyCommand, flag_options, later
 
 
-@click.command("analyze")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str))
+def _run_dir_options() -> list[click.Parameter]:
+    from driftmerge.commands.options import RunDirSelection
+
+    return flag_options(RunDirSelection)
+
+
+@click.command("analyze", cls=LazyCommand)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=str))
+@later(_run_dir_options)
 @click.option("-o", "--output", "out", default="driftmerge-report", show_default=True, help="Report folder to write.")
 @click.option("--steps", type=StepsType(), help="Checkpoint steps [default: from folder names, else 1..N]")
 @click.option("--base-step", type=int, default=0, show_default=True, help="Step of the base model.")
@@ -35,21 +45,27 @@ from driftmerge_cli.common import SizeType, StepsType, progress_bar
 @click.option("--max-memory", type=SizeType(), default="1GiB", show_default=True, help="Read-ahead.")
 @click.option("--overwrite", is_flag=True, help="Replace the report folder if it exists.")
 def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: Any) -> None:
-    """How linear was the run BASE → CHECKPOINT..., and how much of each drift does rank 1 hold.
+    """How linear was the run BASE → CHECKPOINT... (or the checkpoints of --run-dir; BASE may then be left out when
+    the run records it), and how much of each drift does rank 1 hold.
 
     With a single ADAPTER folder, render what `driftmerge extract` recorded in it instead.
     """
     from pathlib import Path
 
     from driftmerge.commands.analyze import AnalyzeOptions, analyze, analyze_adapter
+    from driftmerge.commands.flags import flags
+    from driftmerge.commands.options import RunDirSelection
+    from driftmerge.io.adapter import META
 
-    if len(paths) == 1 and (Path(paths[0]) / "driftmerge.json").is_file():
+    run_dir = {name: opts.pop(name) for name in flags(RunDirSelection)}
+    if len(paths) == 1 and all(v is None for v in run_dir.values()) and (Path(paths[0]) / META).is_file():
         result = analyze_adapter(paths[0], out, overwrite=overwrite)
     else:
+        base, checkpoints = run_dir_inputs(paths[0] if paths else None, paths[1:], run_dir)
         with progress_bar("analyze") as progress:
             result = analyze(
-                paths[0],
-                list(paths[1:]),
+                base,
+                list(checkpoints),
                 out_dir=out,
                 options=AnalyzeOptions(**opts),
                 overwrite=overwrite,

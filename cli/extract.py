@@ -29,13 +29,13 @@ def _options() -> list[click.Parameter]:
 
 
 @click.command("extract", cls=LazyCommand)
-@click.argument("base", type=click.Path(path_type=str))
+@click.argument("base", required=False, type=click.Path(path_type=str))
 @click.argument("checkpoints", nargs=-1, type=click.Path(path_type=str))
 @later(_options)
 @click.option("--overwrite", is_flag=True, help="Replace the output folder if it exists.")
 @push_option
 def extract_cmd(
-    base: str,
+    base: str | None,
     checkpoints: tuple[str, ...],
     output: str,
     overwrite: bool,
@@ -44,20 +44,11 @@ def extract_cmd(
     **flags: Any,
 ) -> None:
     """Fit the linear drift from BASE through CHECKPOINT... (or the checkpoints of --run-dir) and store it as a PEFT
-    LoRA adapter."""
+    LoRA adapter. With --run-dir, BASE may be left out when the run records it (adapter_config.json, model card)."""
     from driftmerge.commands.extract import extract
-    from driftmerge.commands.options import ExtractOptions, RunDirSelection
+    from driftmerge.commands.options import ExtractOptions
 
-    run_dir = options_from(RunDirSelection, flags, optional=True)
-    if run_dir is not None:
-        if checkpoints:
-            raise click.UsageError("give checkpoints either as arguments or with --run-dir, not both")
-        took, found = run_dir.select()
-        steps = ", ".join(str(f.step) for f in took)
-        click.echo(f"run folder {run_dir.path}: took {len(took)} of {len(found)} checkpoints, steps {steps}", err=True)
-        checkpoints = tuple(str(f.path) for f in took)
-    elif not checkpoints:
-        raise click.UsageError("give at least one CHECKPOINT after BASE, or --run-dir")
+    base, checkpoints = run_dir_inputs(base, checkpoints, flags)
     options = options_from(ExtractOptions, flags)
     check_push_target(push_to_hub)
     with progress_bar("extract") as progress:
@@ -72,6 +63,33 @@ def extract_cmd(
         )
     print_summary(result)
     push_after(result.out_dir, push_to_hub, hub_private)
+
+
+def run_dir_inputs(
+    base: str | None, checkpoints: tuple[str, ...], flags: dict[str, Any]
+) -> tuple[str, tuple[str, ...]]:
+    """BASE and the checkpoints: as given, or those --run-dir selects (takes its flags out of ``flags``), with the
+    base the run records when BASE is left out; says on stderr what was taken. Shared by extract and analyze."""
+    from driftmerge.commands.options import RunDirSelection
+    from driftmerge.io.runbase import recorded_base
+
+    run_dir = options_from(RunDirSelection, flags, optional=True)
+    if run_dir is None:
+        if base is None or not checkpoints:
+            raise click.UsageError("give BASE and at least one CHECKPOINT, or --run-dir")
+        return base, checkpoints
+    if checkpoints:
+        raise click.UsageError("give checkpoints either as arguments or with --run-dir, not both")
+    took, found = run_dir.select()
+    said = None
+    if base is None:  # before any output: a missing record is the one line of the error
+        recorded = recorded_base(run_dir.path, found)
+        base, said = recorded.ref, f"base {recorded.ref}: recorded in {recorded.where} (give BASE to use another)"
+    steps = ", ".join(str(f.step) for f in took)
+    click.echo(f"run folder {run_dir.path}: took {len(took)} of {len(found)} checkpoints, steps {steps}", err=True)
+    if said:
+        click.echo(said, err=True)
+    return base, tuple(str(f.path) for f in took)
 
 
 def print_summary(result: ExtractResult, next_hint: bool = True) -> None:

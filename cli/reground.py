@@ -20,6 +20,14 @@ if TYPE_CHECKING:
 @click.option("-o", "--output", "out", metavar="DIR", help="Where the jumps go [default: DIR/driftmerge-reground].")
 @click.option("--rank", type=RankType(), default="1", show_default=True, help="Rank K, or an energy share like 0.9.")
 @click.option("--fit", type=click.Choice(["lsq", "pca", "endpoint"]), default="lsq", show_default=True)
+@click.option(
+    "--optimizer",
+    type=click.Choice(["keep", "reset"]),
+    default="keep",
+    show_default=True,
+    help="Adam's moments in the written checkpoint: keep the window end's, or reset them (Adam starts afresh; "
+    "learning rate and schedule kept).",
+)
 @click.option("--once", is_flag=True, help="Process the complete windows and exit (default: keep watching).")
 @click.option("--poll", type=float, default=60.0, show_default=True, help="Seconds between looks at the folder.")
 def reground_cmd(
@@ -31,11 +39,14 @@ def reground_cmd(
     out: str | None,
     rank: int | float,
     fit: Fit,
+    optimizer: str,
     once: bool,
     poll: float,
 ) -> None:
-    """Whenever M more steps of the run are saved, fit their drift and write the model N steps ahead
-    (OUT/step_<S>, a Hugging Face checkpoint) for the next training stage to resume from."""
+    """Whenever M more steps of the run are saved, fit their drift and write the model N steps ahead as
+    OUT/checkpoint-<S>, a checkpoint a transformers/TRL Trainer resumes from (resume_from_checkpoint): the model, its
+    trainer_state.json at global step S, and the window end's optimizer (--optimizer), scheduler (moved on N steps)
+    and RNG states."""
     from driftmerge.commands.reground_run import reground_run_dir
 
     done = reground_run_dir(
@@ -47,11 +58,12 @@ def reground_cmd(
         out=out,
         rank=rank,
         fit=fit,
+        optimizer=optimizer,
         once=once,
         poll=poll,
         log=lambda s: click.echo(s, err=True),
     )
     for w in done:
-        click.echo(f"wrote step_{w.output}: window {w.start}..{w.end} extrapolated {jump} steps ahead")
+        click.echo(f"wrote {w.folder}: window {w.start}..{w.end} extrapolated {jump} steps ahead")
     if not done:
         click.echo("no complete window yet; nothing written")
