@@ -18,9 +18,22 @@ if TYPE_CHECKING:
 @click.option("--revision", metavar="BRANCH", help="Commit to this branch (created from main if missing).")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
 @click.option("--analysis", metavar="DIR", help="A `driftmerge analyze` folder to add [default: FOLDER/analysis].")
+@click.option(
+    "--base-model",
+    metavar="REPO_ID",
+    help="The base's Hub id, for the card's base_model and the adapter's adapter_config.json [default: the one "
+    "recorded, or shown by the base's Hugging Face cache folder].",
+)
 @click.option("--dry-run", is_flag=True, help="Show what would be pushed, and the card; contact nobody.")
 def push_cmd(
-    folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool, analysis: str | None, dry_run: bool
+    folder: str,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    create_pr: bool,
+    analysis: str | None,
+    base_model: str | None,
+    dry_run: bool,
 ) -> None:
     """Push FOLDER (from `extract` or `apply`) to the model repo REPO_ID in one commit, with its model card.
 
@@ -28,7 +41,14 @@ def push_cmd(
     from driftmerge.hub.publish import push_folder
 
     result = push_folder(
-        folder, repo_id, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run, analysis=analysis
+        folder,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        dry_run=dry_run,
+        analysis=analysis,
+        base_model=base_model,
     )
     report_push(result)
 
@@ -64,7 +84,8 @@ def report_push(r: PushResult) -> None:
     size = human_bytes(p.total_bytes)
     if r.dry_run:
         lines = [f"dry run: would push {p.kind} {p.folder} to {p.repo_id}: {len(p.files) + 1} files, {size}"]
-        lines += [f"  {name}" for name, _ in p.files] + ["  README.md (model card below)", "", p.card]
+        lines += [f"  {name}" + (" (base_model_name_or_path set)" if name in p.replaced else "") for name, _ in p.files]
+        lines += ["  README.md (model card below)", "", p.card]
     else:
         lines = [f"pushed {p.kind} {p.folder} to {r.url}: {len(p.files) + 1} files, {size}, commit {r.commit}"]
     lines += [f"note: {n}" for n in r.notes]

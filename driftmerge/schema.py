@@ -55,15 +55,23 @@ class _Record(BaseModel):
 
 
 class BaseRecord(_Record):
-    """The base model: its path, step, architecture signature, weight probe, license and Hub origin."""
+    """The base model: its path, step, architecture signature, weight probe, license and Hub origin (a Hub input, or
+    a local folder that is a snapshot in the Hugging Face cache), and the Hub id ``--base-model`` gave for it."""
 
-    omit_none = frozenset({"hub"})
+    omit_none = frozenset({"hub", "repo_id"})
     ref: str
     step: int
     signature: str | None = None  # sha256 of tensor names, shapes, dtypes (absent in the earliest version 1 files)
     probe: str | None = None  # sha256 of the smallest tensors' bytes
     license: str | None = None
     hub: HubEntry | None = None
+    repo_id: str | None = None  # --base-model: the base's Hub repo id as the user gave it (its commit unknown)
+
+    @property
+    def hub_id(self) -> str | None:
+        """The base's Hub repo id for cards and PEFT: ``--base-model`` when given, else its Hub origin's, else None
+        (a local folder: only ``ref`` finds it)."""
+        return self.repo_id or (self.hub["repo_id"] if self.hub else None)
 
 
 class CheckpointRecord(_Record):

@@ -323,11 +323,18 @@ def _write(
         command=command,
     )
     summary = meta.summary
-    base_name = base_ck.hub["repo_id"] if base_ck.hub else str(base_ck.path.absolute())  # where PEFT finds the base
+    base_name = meta.base.hub_id  # where PEFT finds the base: its Hub id, or null for a local folder (no path)
     config = peft_config(modules, base_name, fan_in_fan_out=job.arch.fan_in_fan_out, task_type=job.arch.task_type)
     inputs = [base_ck.path, *(c.path for c in cks)]
     with atomic_output_dir(job.out_dir, inputs, overwrite=overwrite) as tmp:
-        write_adapter(tmp, modules, extras=extras, meta=meta, config=config, card=adapter_card(meta, summary))
+        write_adapter(
+            tmp,
+            modules,
+            extras=extras,
+            meta=meta,
+            config=config,
+            card=adapter_card(meta, summary, where=job.out_dir.name),
+        )
         summary.adapter_bytes = sum(f.stat().st_size for f in tmp.iterdir())
     return ExtractResult(out_dir=job.out_dir, meta=meta, summary=summary)
 

@@ -1,14 +1,24 @@
-"""Model cards (README.md with YAML front matter) for adapter and model folders, via huggingface_hub."""
+"""Model cards (README.md with YAML front matter) for adapter and model folders, via huggingface_hub.
+
+A card names no local path: an input from the Hub (or from the Hugging Face cache) by ``org/name@commit``, a local
+folder by its name, the command with each absolute path cut to its last part (``driftmerge.json`` keeps the paths
+and the command as typed). The YAML ``base_model`` is the base's Hub id whenever one is known: ``--base-model``, the
+base's Hub origin, or the cache folder it lies in.
+"""
 
 from __future__ import annotations
 
+import os
+import shlex
 from pathlib import Path
 from typing import Any
 
-from driftmerge.hub.refs import is_repo_id
+from driftmerge import __version__
+from driftmerge.hub.refs import cache_origin, is_repo_id
 from driftmerge.schema import DriftMeta, HubEntry, Summary
 
 TAGS = ["driftmerge", "rlvr"]
+OLD_PLACEHOLDER = "{this folder or repo}"  # in the usage of adapter cards from driftmerge 0.1.0 and before
 
 
 def hub_id_or_none(ref: str) -> str | None:
@@ -16,10 +26,20 @@ def hub_id_or_none(ref: str) -> str | None:
     return ref if is_repo_id(ref) and not Path(ref).exists() else None
 
 
-def card_data(base: dict[str, Any], *, library_name: str | None, tags: list[str]) -> dict[str, Any]:
-    """``ModelCardData`` fields: the base's Hub id as ``base_model`` and its license, when known."""
-    hub = base.get("hub") or {}
-    data: dict[str, Any] = {"base_model": hub.get("repo_id") or hub_id_or_none(base.get("ref", ""))}
+def base_hub_id(base: dict[str, Any]) -> str | None:
+    """The Hub repo id of a base ``{"ref", "hub", "repo_id"?}`` (a ``BaseRecord`` dumped, or the base ``apply``
+    used): ``repo_id`` (``--base-model``), else its Hub origin's, else that of the cache snapshot ``ref`` lies in,
+    else ``ref`` itself when it reads as a repo id; None for a local folder of unknown origin."""
+    ref = base.get("ref", "")
+    hub = base.get("hub") or (cache_origin(ref) if ref else None) or {}
+    return base.get("repo_id") or hub.get("repo_id") or hub_id_or_none(ref)
+
+
+def card_data(
+    base: dict[str, Any], *, library_name: str | None, tags: list[str], base_model: str | None = None
+) -> dict[str, Any]:
+    """``ModelCardData`` fields: ``base_model`` (given, else :func:`base_hub_id`) and the base's license, when known."""
+    data: dict[str, Any] = {"base_model": base_model or base_hub_id(base)}
     if base.get("license"):
         data["license"] = base["license"]
     if library_name:
@@ -37,17 +57,48 @@ def render(data: dict[str, Any], body: str) -> str:
 
 
 def _ref_text(ref: str, hub: HubEntry | None) -> str:
-    """An input as a reader can find it: ``org/name@commit`` for a Hub input (``hub``), else its path."""
-    return f"{hub['repo_id']}@{hub['commit'][:12]}" if hub else ref
+    """An input as a reader can find it: ``org/name@commit`` for a Hub input (``hub``), a Hub id as given, else the
+    name of its local folder (never its path)."""
+    if hub:
+        return f"{hub['repo_id']}@{hub['commit'][:12]}"
+    return hub_id_or_none(ref) or Path(ref).name or ref
 
 
-def drift_facts(meta: DriftMeta, summary: Summary) -> str:
-    """The bullet list both cards share: inputs, steps, fit, ranks, kept energy, linearity."""
+def _base_text(base: dict[str, Any], hub_id: str | None) -> str:
+    """The base in a card: its Hub origin (:func:`_ref_text`), else its Hub id and local folder, else its folder."""
+    if base.get("hub"):
+        return f"`{_ref_text(base['ref'], base['hub'])}`"
+    folder = _ref_text(base["ref"], None)
+    if hub_id is None:
+        return f"the local folder `{folder}`"
+    return f"`{hub_id}`" if folder == hub_id else f"`{hub_id}`, from the local folder `{folder}`"
+
+
+def portable_command(command: str) -> str:
+    """``command`` with each absolute path cut to its last part (``/home/me/run/checkpoint-100`` →
+    ``checkpoint-100``, also after ``--flag=``): what a card shows; ``driftmerge.json`` keeps it as typed."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: not a command line driftmerge wrote
+        return command
+    out = []
+    for word in words:
+        flag, eq, value = word.partition("=") if word.startswith("--") and "=" in word else ("", "", word)
+        if os.path.isabs(value) and Path(value).name:
+            value = Path(value).name
+        out.append(flag + eq + value)
+    return shlex.join(out)
+
+
+def drift_facts(meta: DriftMeta, summary: Summary, *, hub_id: str | None = None) -> str:
+    """The bullet list both cards share: inputs, steps, fit, ranks, kept energy, linearity; ``hub_id``: the base's
+    Hub id when not :func:`base_hub_id`'s."""
     steps = ", ".join(str(c.step) for c in meta.checkpoints)
     hub_cks = [c for c in meta.checkpoints if c.hub]
     from_hub = "".join(f"\n  - step {c.step}: `{_ref_text(c.ref, c.hub)}`" for c in hub_cks)
     kept, share = f"{summary.energy_kept:.4f}", f"{100 * summary.extras_share:.2f} %"
-    return f"""- base: `{_ref_text(meta.base.ref, meta.base.hub)}` (step {meta.base_step})
+    base = _base_text(meta.base.model_dump(), hub_id or base_hub_id(meta.base.model_dump()))
+    return f"""- base: {base} (step {meta.base_step})
 - checkpoints: steps {steps}; reference step (scale 1) {meta.s_ref}{from_hub}
 - fit: `{meta.fit}`; factorization: `{meta.svd}` (seed {meta.seed}); rank rule: {meta.rank_rule}
 - LoRA modules: {summary.lora_tensors}, {_ranks(summary)}; drift energy kept by the factors: {kept}
@@ -62,61 +113,90 @@ def extras_text(summary: Summary) -> str:
     return ", ".join(f"{n} {k}" for k, n in kinds.items()) if kinds else "none" if not summary.extras_tensors else "?"
 
 
-def adapter_card(meta: DriftMeta, summary: Summary) -> str:
-    """Card for an extracted (or scaled) adapter folder."""
-    data = card_data(meta.base.model_dump(), library_name="peft", tags=[*TAGS, "lora"])
+def adapter_card(meta: DriftMeta, summary: Summary, *, where: str | None = None, base_model: str | None = None) -> str:
+    """Card for an extracted (or scaled) adapter folder. ``where``: how its usage names the adapter (the folder's
+    name, or the repo it is pushed to); ``base_model``: the base's Hub id when not the one ``meta`` gives."""
+    base = meta.base.model_dump()
+    data = card_data(base, library_name="peft", tags=[*TAGS, "lora"], base_model=base_model)
     scale = meta.scale
     scaled = f"\nThe scale **{scale}** is baked into `lora_alpha` and the extras.\n" if scale is not None else ""
     body = f"""# driftmerge drift adapter
 
 The linear weight drift of an RLVR run, fitted across the base and its checkpoints and stored as a
-{_rank_text(meta.rank_rule)} LoRA adapter by [driftmerge](https://pypi.org/project/driftmerge/).
+{_rank_text(meta.rank_rule)} LoRA adapter by driftmerge {meta.driftmerge_version}.
 {scaled}
-{drift_facts(meta, summary)}
+{drift_facts(meta, summary, hub_id=data["base_model"])}
 
 **PEFT sees only part of the drift.** `drift_extras.safetensors` holds the drift of
 {summary.extras_tensors} tensors PEFT cannot carry ({extras_text(summary)}; factored ones as low-rank factors):
 {100 * summary.extras_share:.2f} % of the drift's energy. PEFT ignores that file; `driftmerge apply` uses it.
 {_tied_note(meta)}
-## Use
-
-```
-driftmerge apply {{this folder or repo}} --scale 1.5 -o extrapolated-model   # W = W0 + 1.5 · drift
-```
-
-```python
-from peft import PeftModel
-model = PeftModel.from_pretrained(base_model, "path/to/this/adapter")  # scale 1, without the extras
-```
-
+{_usage(meta, base, data["base_model"], where or "path/to/this/adapter")}
 ## Made with
 
 ```
-{meta.command or "driftmerge (library call)"}
+{_command_text(meta.command)}
 ```
 """
     return render(data, body)
 
 
+def _usage(meta: DriftMeta, base: dict[str, Any], hub_id: str | None, where: str) -> str:
+    """The card's ``## Use``: ``driftmerge apply`` (not for a scaled adapter: apply scales the original) and PEFT;
+    for a base of unknown Hub id, where each finds it."""
+    apply = (
+        f"\n```\ndriftmerge apply {where} --scale 1.5 -o extrapolated-model   # W = W0 + 1.5 · drift\n```\n"
+        if meta.scale is None
+        else ""
+    )
+    if hub_id is None:
+        folder = _ref_text(base["ref"], None)
+        loaded = f"the base (the local folder `{folder}`), loaded with transformers"
+        note = (
+            f"\nThe base was the local folder `{folder}`, of no known Hub id, so `adapter_config.json` names none\n"
+            "(`base_model_name_or_path: null`). `driftmerge apply` finds it through `driftmerge.json` where the\n"
+            "adapter was made; elsewhere give it `--base BASE_FOLDER`. To name the base's Hub id, push with\n"
+            "`--base-model ORG/NAME`.\n"
+        )
+    else:
+        loaded, note = f"{hub_id}, loaded with transformers", ""
+    return f"""## Use
+{apply}
+```python
+from peft import PeftModel
+# base_model: {loaded}
+model = PeftModel.from_pretrained(base_model, "{where}")  # scale {meta.scale or 1:g}, without the extras
+```
+{note}"""
+
+
+def _command_text(command: str | None) -> str:
+    return portable_command(command) if command else "driftmerge (library call)"
+
+
 def model_card(
     base: dict[str, Any], adapter_ref: str, *, adapter_meta: DriftMeta, scale: float, step: float, command: str | None
 ) -> str:
-    """Card for a model written by ``driftmerge apply``; ``base`` = {"ref", "hub", "license"} of the base used."""
-    data = card_data(base, library_name=None, tags=[*TAGS, "extrapolation"])
+    """Card for a model written by ``driftmerge apply``; ``base`` = {"ref", "hub", "license"} of the base used. Its
+    Hub id is :func:`base_hub_id`'s, else the adapter's for the base the adapter records (``--base-model``)."""
+    recorded = adapter_meta.base
+    same = Path(base["ref"]).absolute() == Path(recorded.ref).absolute()
+    hub_id = base_hub_id(base) or (recorded.hub_id if same else None)
+    data = card_data(base, library_name=None, tags=[*TAGS, "extrapolation"], base_model=hub_id)
     body = f"""# driftmerge model at scale {scale:g}
 
-`W = W0 + {scale:g} · drift`, made by [driftmerge](https://pypi.org/project/driftmerge/) from the base
-`{_ref_text(base["ref"], base.get("hub"))}` and the drift adapter `{adapter_ref}`.
+`W = W0 + {scale:g} · drift`, made by driftmerge {__version__} from the base
+{_base_text(base, hub_id)} and the drift adapter `{_ref_text(adapter_ref, None)}`.
 
 - scale: **{scale:g}**, i.e. step {step:g} (scale 1 = the reference checkpoint at step {adapter_meta.s_ref})
-{drift_facts(adapter_meta, adapter_meta.summary)}
+{drift_facts(adapter_meta, adapter_meta.summary, hub_id=hub_id if same else None)}
 
 A scale above 1 extrapolates beyond the last checkpoint: evaluate it before you rely on it.
 
 ## Made with
 
 ```
-{command or "driftmerge (library call)"}
+{_command_text(command)}
 ```
 """
     return render(data, body)

@@ -145,7 +145,7 @@ def lora_keys(module: str, kind: str, *, nest: int = 0) -> tuple[str, str]:
 
 def peft_config(
     modules: dict[str, LoraModule],
-    base_ref: str,
+    base_ref: str | None,
     *,
     fan_in_fan_out: bool,
     task_type: str | None = "CAUSAL_LM",

@@ -11,7 +11,7 @@ from typing import Any, cast
 import torch
 
 from driftmerge import __version__
-from driftmerge.hub.refs import base_license
+from driftmerge.hub.refs import base_license, cache_origin
 from driftmerge.io.checkpoints import Checkpoint
 from driftmerge.io.lora_run import LoraCheckpoint
 from driftmerge.io.targets import Architecture
@@ -42,7 +42,8 @@ def build_meta(
             signature=base.signature(),
             probe=base.probe(),
             license=base_license(base.path),
-            hub=_hub(base),
+            hub=_hub(base) or cast("HubEntry | None", cache_origin(base.path)),  # a Hub input, or a cached snapshot
+            repo_id=opts.base_model,
         ),
         checkpoints=[
             CheckpointRecord(ref=str(c.path.absolute()), step=s, hub=_hub(c)) for c, s in zip(cks, steps, strict=True)
