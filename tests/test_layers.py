@@ -24,6 +24,7 @@ POSITIONAL_BY_PROTOCOL = {
     "driftmerge.integrations.trl:DriftExtrapolationCallback.on_train_begin": _HOOK,
     "driftmerge.integrations.trl:DriftExtrapolationCallback.on_step_end": _HOOK,
     "driftmerge.integrations.trl:DriftExtrapolationCallback.on_log": _HOOK,
+    "driftmerge.integrations.trl:DriftExtrapolationCallback.on_save": _HOOK,
 }
 
 
