@@ -55,5 +55,5 @@ def print_apply(r: ApplyResult, what: str) -> None:
     click.echo(
         f"wrote {what} {r.out_dir}\n"
         f"  scale {r.scale:g} (step {r.step:g}); {r.tensors_changed} of {r.tensors_total} tensors moved; "
-        f"{r.shards} file(s), {human_bytes(r.bytes_written)}"
+        f"{r.shards} file{'s' * (r.shards > 1)}, {human_bytes(r.bytes_written)}"
     )

@@ -13,21 +13,28 @@ if TYPE_CHECKING:  # the library (torch, pydantic) loads when the command runs, 
 
 @click.command("run")
 @click.argument("recipe", type=click.Path(path_type=str))
-@click.option("--dry-run", is_flag=True, help="Validate the recipe and print the equivalent commands; run nothing.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Validate the recipe, check that its inputs exist (or read as Hub ids) and print the equivalent commands; "
+    "run nothing.",
+)
 def run_cmd(recipe: str, dry_run: bool) -> None:
     """Run the stages of RECIPE (a YAML file: extract, apply, push, in that order).
 
     Relative paths in the recipe are taken from the current folder, as on the command line.
     """
-    from driftmerge.commands.recipes import load_recipe, plan, run_recipe
+    from driftmerge.commands.recipes import check_inputs, load_recipe, plan, run_recipe
 
     job = load_recipe(recipe)
+    if dry_run:
+        check_inputs(job, recipe)
     lines = plan(job)
-    click.echo(f"{recipe}: {len(lines)} stage(s), equivalent to:")
+    click.echo(f"{recipe}: {len(lines)} stage{'s' * (len(lines) > 1)}, equivalent to:")
     for line in lines:
         click.echo(f"  {line}")
     if dry_run:
-        click.echo("dry run: the recipe is valid; nothing was run or written")
+        click.echo("dry run: the recipe is valid and its inputs are there; nothing was run or written")
         return
     run_recipe(job, each=_run_stage)
 

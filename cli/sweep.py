@@ -13,13 +13,23 @@ from driftmerge_cli.common import FloatListType, command_line, pop_sampling, pro
 @click.argument("adapter", default="driftmerge-adapter", type=click.Path(path_type=str))
 @click.option("--base", help="Base model [default: the one recorded in the adapter].")
 @click.option(
+    "--allow-other-base",
+    is_flag=True,
+    help="Allow a --base whose weights differ from the recorded base's (as apply's flag; on a checkpoint of the "
+    "run the drift would count twice).",
+)
+@click.option(
     "--scales",
     type=FloatListType(),
     default="0,0.5,1,1.25,1.5,2",
     show_default=True,
     help="Scales to score (alphas with --mode logits); 1 = the last checkpoint.",
 )
-@click.option("--prompts", type=click.Path(path_type=str), help='JSON lines: {"prompt": ..., "answer": ...}.')
+@click.option(
+    "--prompts",
+    type=click.Path(path_type=str),
+    help='JSON lines: {"prompt": ..., "answer": ...} (required unless --eval-cmd).',
+)
 @click.option(
     "--reward",
     metavar="NAME|MODULE:FUNCTION",
@@ -47,6 +57,7 @@ from driftmerge_cli.common import FloatListType, command_line, pop_sampling, pro
 def sweep_cmd(
     adapter: str,
     base: str | None,
+    allow_other_base: bool,
     scales: list[float],
     prompts: str | None,
     reward: str | None,
@@ -61,22 +72,28 @@ def sweep_cmd(
     """Score each scale along the drift in ADAPTER with a verifiable reward and report the best one."""
     from driftmerge.commands.apply import apply_drift
     from driftmerge.commands.options import ApplyOptions
-    from driftmerge.commands.sweep import SweepOptions, run_sweep
+    from driftmerge.commands.sweep import SweepOptions, preflight, run_sweep
     from driftmerge.evaluation.generation import SamplingOptions
-    from driftmerge.io.outputs import atomic_output_dir, check_output_dir
+    from driftmerge.io.outputs import atomic_output_dir
     from driftmerge.reports.linearity import pyplot
     from driftmerge.reports.sweep import text_table, write_outputs
 
+    if eval_cmd is None and prompts is None:
+        raise click.UsageError("give --prompts FILE (JSON lines with answers) to score, or --eval-cmd")
+    if eval_cmd is not None and (prompts is not None or reward is not None):
+        raise click.UsageError("--eval-cmd scores each model itself: leave out --prompts and --reward")
     if reward is None and eval_cmd is None:
         reward = "exact-number"
-    opts = SweepOptions(scales, mode, reward, eval_cmd, SamplingOptions(**pop_sampling(sampling)), device)
+    sampler = SamplingOptions(**pop_sampling(sampling))
+    opts = SweepOptions(scales, mode, reward, eval_cmd, sampler, device, allow_other_base=allow_other_base)
     opts.validate()
     if apply_best is not None and mode != "weights":
         raise click.UsageError("--apply-best writes a model at a scale: it needs --mode weights")
-    check_output_dir(Path(out), [Path(adapter)], overwrite=overwrite)  # fail before the long part
-    if apply_best is not None:
-        check_output_dir(Path(apply_best), [Path(adapter)], overwrite=overwrite)
     pyplot("sweep")
+    # fail before the long part: the base, the report folder and --apply-best's
+    preflight(
+        adapter, base=base, out=out, apply_best=apply_best, overwrite=overwrite, allow_other_base=allow_other_base
+    )
     with progress_bar("sweep") as progress:
         result = run_sweep(adapter, prompts, opts=opts, base=base, progress=progress)
     settings = {
@@ -103,7 +120,12 @@ def sweep_cmd(
             applied = apply_drift(
                 adapter,
                 apply_best,
-                options=ApplyOptions(scale=best.scale, base=base),
+                options=ApplyOptions(
+                    scale=best.scale,
+                    base=base,
+                    allow_negative_scale=True,  # the best of the scales the user listed
+                    allow_other_base=allow_other_base,
+                ),
                 overwrite=overwrite,
                 progress=progress,
                 command=command_line(),

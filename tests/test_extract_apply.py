@@ -248,11 +248,14 @@ def test_tied_lm_head_stored_in_the_files_moves_with_the_embedding(runs, tmp_pat
     assert not torch.equal(out["lm_head.weight"], load_file(str(folders[0] / "model.safetensors"))["lm_head.weight"])
 
 
-def test_other_weights_of_the_same_architecture_only_warn(runs, tmp_path, caplog):
+def test_other_weights_of_the_same_architecture_need_the_flag_then_warn(runs, tmp_path, caplog):
     run = runs["llama"]
     extract(run.base, run.checkpoints, out_dir=tmp_path / "a")
-    with caplog.at_level("WARNING", logger="driftmerge"):
+    with pytest.raises(InputError, match=r"checkpoint at step 100.*--allow-other-base"):  # its drift would count twice
         apply_drift(tmp_path / "a", tmp_path / "m", options=ApplyOptions(scale=1.0, base=run.checkpoints[0]))
+    with caplog.at_level("WARNING", logger="driftmerge"):
+        options = ApplyOptions(scale=1.0, base=run.checkpoints[0], allow_other_base=True)
+        apply_drift(tmp_path / "a", tmp_path / "m", options=options)
     assert "other weights" in caplog.text
 
 

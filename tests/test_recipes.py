@@ -59,7 +59,10 @@ def test_recipe_keys_follow_the_library():
     assert set(ApplyOptions.model_fields) <= set(ApplyStage.model_fields)
 
 
-def test_the_command_line_and_the_recipe_enforce_the_one_memory_floor(write, cli, tmp_path):
+def test_the_command_line_and_the_recipe_enforce_the_one_memory_floor(write, cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("b", "c"):  # a dry run checks that the inputs exist
+        (tmp_path / name).mkdir()
     too_small = MIN_MEMORY - 1
     code, _, err = cli("run", "--dry-run", write(f"extract: {{base: b, checkpoints: [c], max_memory: {too_small}}}\n"))
     assert_one_line_error(code, err, 3, f"extract.max_memory: must be at least {MIN_MEMORY >> 20} MiB")
@@ -127,12 +130,14 @@ def test_missing_recipe(tmp_path, cli):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
+    copy_run(tmp_path / "demo-run")  # a dry run checks that the inputs exist
     code, out, err = cli("run", ROOT / "recipes" / "extrapolate.yaml", "--dry-run")
     assert code == 0, err
     assert "driftmerge extract demo-run/run/base demo-run/run/checkpoint-50 demo-run/run/checkpoint-100" in out
     assert "driftmerge apply demo-run/extrapolate-adapter --scale 1.5 -o demo-run/extrapolate-model" in out
     assert "nothing was run or written" in out
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [tmp_path / "demo-run"]
+    assert list((tmp_path / "demo-run").iterdir()) == [tmp_path / "demo-run" / "run"]
 
 
 def test_extrapolate_recipe_equals_the_commands_it_plans(tmp_path, monkeypatch, cli):
@@ -217,6 +222,8 @@ def test_a_push_without_token_stops_the_job_before_it_starts(tmp_path, monkeypat
 
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     monkeypatch.chdir(tmp_path)
+    for name in ("b", "c"):  # a dry run checks that the inputs exist
+        (tmp_path / name).mkdir()
     path = write("extract: {base: b, checkpoints: [c], output: adapter}\npush: {repo_id: org/name}\n")
     code, _, err = cli("run", path)
     assert_one_line_error(code, err, 4, "org/name: no Hugging Face token")

@@ -81,7 +81,7 @@ def test_in_place_scales_give_exactly_the_weights_apply_writes(arch, runs, drift
     params = dict(drifted.model.named_parameters(remove_duplicate=False))
     for i, scale in enumerate((1.5, 0.0, -0.5, 2.0, 1.5)):  # any order, and back again
         drifted.set_scale(scale)
-        out = apply_drift(adapter, tmp_path / f"m{i}", options=ApplyOptions(scale=scale))
+        out = apply_drift(adapter, tmp_path / f"m{i}", options=ApplyOptions(scale=scale, allow_negative_scale=True))
         written = load_weights(out.out_dir)
         compared = {name for name in written if name in params}
         assert set(drifted._deltas) <= compared  # every drifted tensor, tied ones included

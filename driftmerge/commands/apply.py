@@ -1,6 +1,8 @@
 """Produce a model anywhere along the drift: ``W(scale) = W0 + scale · B A`` (``W0 + scale · D`` for extras).
 
-``--step T`` maps to ``scale = (T - s_base) / (s_ref - s_base)``. The base streams tensor by tensor into
+``--step T`` maps to ``scale = (T - s_base) / (s_ref - s_base)``. A scale below 0 (against the training) and a base
+with other weights than the recorded one (a checkpoint: its drift would count twice) are refused unless
+``allow_negative_scale`` / ``allow_other_base``. The base streams tensor by tensor into
 safetensors shards of at most ``max_shard_size`` bytes; config, generation config and tokenizer files are copied.
 ``format="adapter"`` writes a PEFT adapter with the scale baked into ``lora_alpha`` instead.
 """
@@ -9,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from driftmerge.commands.distributed import distributed
 from driftmerge.commands.options import ApplyOptions
 from driftmerge.core.devices import DTYPES
-from driftmerge.core.drift import scale_for_step, step_for_scale
+from driftmerge.core.drift import scale_and_step
 from driftmerge.errors import InputError
 from driftmerge.hub.cards import adapter_card
 from driftmerge.io.adapter import Adapter, peft_config, scale_extra, write_adapter
@@ -57,12 +58,8 @@ def apply_drift(
     adapter_ref = str(adapter_dir)
     adapter_dir, adapter = open_adapter(adapter_dir)
     meta = adapter.meta
-    if step is not None:
-        scale = scale_for_step(step, base_step=meta.base_step, s_ref=meta.s_ref)
-    assert scale is not None
-    if not math.isfinite(scale):
-        raise InputError(f"the scale must be a finite number, got {scale}")
-    step = step_for_scale(scale, base_step=meta.base_step, s_ref=meta.s_ref)
+    scale, step = scale_and_step(scale, step, base_step=meta.base_step, s_ref=meta.s_ref)
+    options.check_direction(scale, step)  # below 0 only with allow_negative_scale
     if options.format == "adapter":  # a small folder: rank 0 writes it
         with distributed(cuda=False) as dist:
             done = dist.run(
@@ -77,7 +74,7 @@ def apply_drift(
             return done
     shard_limit = parse_size(options.max_shard_size, "--max-shard-size")
     with distributed(cuda=False) as dist, contextlib.ExitStack() as stack:
-        base_ck = dist.run(lambda: _open_checked(adapter, adapter_dir, options.base, Path(out_dir), overwrite))
+        base_ck = dist.run(lambda: _open_checked(adapter, adapter_dir, options, Path(out_dir), overwrite))
         out_dtype = DTYPES.get(dtype)
         names = list(base_ck.infos)  # file order, so shards read sequentially
         sizes = {n: out_bytes(base_ck.infos[n], out_dtype) for n in names}
@@ -120,9 +117,9 @@ def apply_drift(
 
 
 def _open_checked(
-    adapter: Adapter, adapter_dir: Path, base: str | Path | None, out_dir: Path, overwrite: bool
+    adapter: Adapter, adapter_dir: Path, options: ApplyOptions, out_dir: Path, overwrite: bool
 ) -> Checkpoint:
-    base_ck = open_base(adapter, base)
+    base_ck = open_base(adapter, options.base, allow_other_base=options.allow_other_base)
     check_output_dir(out_dir, [base_ck.path, adapter_dir], overwrite=overwrite)
     return base_ck
 
@@ -150,7 +147,12 @@ def _write_scaled_adapter(
     extras = {k: scale_extra(v, scale) for k, v in adapter.extras.items()}
     with atomic_output_dir(out_dir, [adapter_dir], overwrite=overwrite) as tmp:
         write_adapter(
-            tmp, adapter.modules, extras=extras, meta=meta, config=config, card=adapter_card(meta, meta.summary)
+            tmp,
+            adapter.modules,
+            extras=extras,
+            meta=meta,
+            config=config,
+            card=adapter_card(meta, meta.summary, where=out_dir.name),
         )
         written = sum(f.stat().st_size for f in tmp.iterdir())
     n = len(adapter.modules) + len(extras)

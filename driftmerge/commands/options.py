@@ -22,9 +22,10 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
-from driftmerge.commands.flags import Conflict, Flag, OptionsModel
+from driftmerge.commands.flags import Conflict, Flag, OptionsError, OptionsModel
 from driftmerge.core.device_names import DEVICE_CHOICES, is_device
 from driftmerge.errors import InputError
+from driftmerge.hub.refs import is_repo_id
 from driftmerge.io.memory import parse_size
 from driftmerge.io.rundirs import Found, discover, parse_range, select
 
@@ -105,6 +106,14 @@ def _steps_range(value: str | None) -> str | None:
             parse_range(value)
         except InputError:
             raise ValueError(f"must be A:B, A: or :B with integer steps, A <= B, got {value!r}") from None
+    return value
+
+
+def repo_id_rule(value: str | None) -> str | None:
+    """A Hub repo id ``NAMESPACE/NAME`` (:func:`~driftmerge.hub.refs.is_repo_id`), or None; the rule of
+    ``--base-model`` and of a recipe's ``push_to_hub`` and ``push.repo_id``."""
+    if value is not None and not is_repo_id(value):
+        raise ValueError(f"must be a Hub repo id NAMESPACE/NAME (no @revision here), got {value!r}")
     return value
 
 
@@ -269,6 +278,16 @@ class ExtractOptions(OptionsModel):
         bool,
         Flag("--trust-remote-code", "Build a custom-code (auto_map) model with its own code to map its layers."),
     ] = False
+    base_model: Annotated[  # the base's Hub id for the card and adapter_config.json (driftmerge.json keeps its path)
+        str | None,
+        AfterValidator(repo_id_rule),
+        Flag(
+            "--base-model",
+            "The base's Hub id, for the model card and PEFT's adapter_config.json [default: the base's own, or the "
+            "one its Hugging Face cache folder shows; none for another local folder].",
+            "REPO_ID",
+        ),
+    ] = None
 
 
 class ApplyOptions(OptionsModel):
@@ -306,12 +325,39 @@ class ApplyOptions(OptionsModel):
     max_shard_size: Annotated[
         str | int, BeforeValidator(_shard_size), Flag("--max-shard-size", "Largest safetensors shard.")
     ] = "5GB"
+    allow_negative_scale: Annotated[  # a scale below 0 (a step before the base's) moves against training
+        bool,
+        Flag(
+            "--allow-negative-scale",
+            "Allow a scale below 0 (a step before the base's): it moves the base against the training, which is "
+            "refused unless asked for. For a point part way along the run give --scale in [0, 1] or --step.",
+        ),
+    ] = False
+    allow_other_base: Annotated[  # a --base whose weights differ from the recorded base (a checkpoint, say)
+        bool,
+        Flag(
+            "--allow-other-base",
+            "Allow a --base whose weights differ from those the drift was fitted from; refused unless asked for, "
+            "since on a checkpoint of the run W0 + s·drift counts the drift it already holds twice.",
+        ),
+    ] = False
 
     @model_validator(mode="after")
     def _one_target(self) -> ApplyOptions:
         if (self.scale is None) == (self.step is None):
             raise Conflict("give exactly one of {scale} or {step}")
         return self
+
+    def check_direction(self, scale: float, step: float | None = None) -> None:
+        """Refuse a scale below 0 (``step`` before the base's) unless ``allow_negative_scale``: ``W0 + s · drift``
+        with ``s < 0`` moves the base against the training, which no one wants by accident."""
+        if scale < 0 and not self.allow_negative_scale:
+            asked = f"--step {step:g} (scale {scale:g})" if self.scale is None else f"--scale {scale:g}"
+            raise OptionsError(
+                f"{asked} moves the base against the training (scale 1 = the last checkpoint); for a point part way"
+                " along the run give --scale in [0, 1] or a --step after the base's, or pass --allow-negative-scale"
+                " (allow_negative_scale: true in a recipe) to go there on purpose"
+            )
 
     @property
     def default_output(self) -> str:

@@ -9,14 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from driftmerge.commands.options import ADAPTER_DIR, ApplyOptions, ExtractOptions, RunDirSelection
-from driftmerge.hub.refs import is_repo_id
-
-
-def _repo_id(value: str | None) -> str | None:
-    if value is not None and not is_repo_id(value):
-        raise ValueError(f"must be a Hub repo id NAMESPACE/NAME (no @revision here), got {value!r}")
-    return value
+from driftmerge.commands.options import ADAPTER_DIR, ApplyOptions, ExtractOptions, RunDirSelection, repo_id_rule
 
 
 class _Stage(BaseModel):
@@ -35,7 +28,7 @@ class _Written(_Stage):
     @field_validator("push_to_hub")
     @classmethod
     def _push(cls, value: str | None) -> str | None:
-        return _repo_id(value)
+        return repo_id_rule(value)
 
 
 class ExtractStage(_Written, ExtractOptions):
@@ -53,7 +46,8 @@ class ExtractStage(_Written, ExtractOptions):
         if (self.checkpoints is None) == (self.run_dir is None):
             raise ValueError("give exactly one of checkpoints (a list) or run_dir (a run folder)")
         if self.steps is not None and self.checkpoints is not None and len(self.steps) != len(self.checkpoints):
-            raise ValueError(f"steps gives {len(self.steps)} steps for {len(self.checkpoints)} checkpoints")
+            n, k = len(self.steps), len(self.checkpoints)
+            raise ValueError(f"steps gives {n} step{'s' * (n != 1)} for {k} checkpoint{'s' * (k != 1)}")
         return self
 
 
@@ -86,7 +80,7 @@ class PushStage(_Stage):
     @field_validator("repo_id")
     @classmethod
     def _repo(cls, value: str) -> str:
-        return str(_repo_id(value))
+        return str(repo_id_rule(value))
 
 
 class Recipe(_Stage):

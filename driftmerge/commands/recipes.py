@@ -8,8 +8,11 @@ commands' flags) and runs it with :func:`run_recipe`, which calls the same libra
 Every stage is optional, but a recipe holds at least one. Left out, ``apply.adapter`` is the extract stage's output
 and ``push.folder`` is the apply stage's output (else the extract stage's). ``push_to_hub: org/name`` in an extract
 or apply stage pushes that stage's output right after it (as ``--push-to-hub`` does), public unless ``hub_private``.
-Before anything runs, every output folder is checked (it must not exist, unless ``overwrite``) and so is the Hub
-token of every push that is not a dry run, so a late stage does not fail after an early one has spent its time.
+Before anything runs, every output folder is checked (it must not exist, unless ``overwrite``), so is the Hub
+token of every push that is not a dry run, and so are the inputs (:func:`check_inputs`: every local input exists,
+every other one reads as a Hub id; an apply stage's explicit scale is not negative without
+``allow_negative_scale``), so a late stage does not fail after an early one has spent its time. ``driftmerge run
+--dry-run`` checks the inputs too.
 
 Relative paths in a recipe resolve against the current working directory (the folder ``driftmerge run`` is started
 from), not against the recipe file's folder, exactly like the same paths typed on the command line. A base or
@@ -36,7 +39,17 @@ from driftmerge.errors import InputError, OutputError
 from driftmerge.io.outputs import check_output_dir
 from driftmerge.progress import Progress
 
-__all__ = ["Recipe", "Stage", "StageResult", "load_recipe", "plan", "preflight", "run_recipe", "stages"]
+__all__ = [
+    "Recipe",
+    "Stage",
+    "StageResult",
+    "check_inputs",
+    "load_recipe",
+    "plan",
+    "preflight",
+    "run_recipe",
+    "stages",
+]
 
 
 # ---- loading ---------------------------------------------------------------------------------------------------
@@ -218,8 +231,8 @@ def run_recipe(
 
 def preflight(recipe: Recipe) -> None:
     """Before any stage runs, refuse an output folder that exists (without ``overwrite``) or that overlaps the
-    extract stage's output, and a push (not a dry run) without a Hub token: a late stage must not fail after an
-    early one has spent its time."""
+    extract stage's output, a push (not a dry run) without a Hub token, and missing inputs (:func:`check_inputs`):
+    a late stage must not fail after an early one has spent its time."""
     e, a, p = recipe.extract, recipe.apply, recipe.push
     if e is not None:
         _check_output("extract", e.output, e.overwrite, [])
@@ -230,6 +243,57 @@ def preflight(recipe: Recipe) -> None:
         from driftmerge.hub.publish import require_token
 
         require_token(repo_id)
+    check_inputs(recipe)
+
+
+def check_inputs(recipe: Recipe, where: str | Path | None = None) -> None:
+    """Every input a stage reads, unless an earlier stage writes it, must be a local path that exists or else read
+    as a Hub id ``org/name[@revision]`` (not fetched here); all those that are neither go in one
+    :class:`InputError` line, prefixed with ``where`` (the recipe file). An apply stage's explicit negative scale
+    needs ``allow_negative_scale`` (:meth:`ApplyOptions.check_direction`)."""
+    from driftmerge.hub.refs import parse_hub_ref
+
+    missing = [
+        f"{key} {value}"
+        for key, value, hub in _inputs(recipe)
+        if not Path(value).exists() and not (hub and parse_hub_ref(value) is not None)
+    ]
+    prefix = f"{where}: " if where is not None else ""
+    if missing:
+        raise InputError(
+            f"{prefix}missing input{'s' * (len(missing) > 1)}, neither a local path that exists nor a Hub id"
+            " org/name[@revision]: " + "; ".join(missing)
+        )
+    a = recipe.apply
+    if a is not None and a.scale is not None:
+        try:
+            ApplyOptions.of(a).check_direction(a.scale)  # a step's scale needs the adapter: apply checks it
+        except InputError as exc:
+            raise InputError(f"{prefix}apply: {exc}") from None
+
+
+def _inputs(recipe: Recipe) -> list[tuple[str, str, bool]]:
+    """(key, value, may be a Hub id) of every input no earlier stage writes."""
+    e, a, p = recipe.extract, recipe.apply, recipe.push
+    out: list[tuple[str, str, bool]] = []
+    if e is not None:
+        out.append(("extract.base", e.base, True))
+        out += [(f"extract.checkpoints[{i}]", c, True) for i, c in enumerate(e.checkpoints or [])]
+        if e.run_dir is not None:
+            out.append(("extract.run_dir.path", e.run_dir.path, False))
+    written = {Path(e.output)} if e is not None else set()
+    if a is not None:
+        if a.adapter is not None and Path(a.adapter) not in written:
+            out.append(("apply.adapter", a.adapter, True))
+        if a.base is not None:
+            out.append(("apply.base", a.base, True))
+        written.add(Path(str(a.output)))
+    if p is not None:
+        if p.folder is not None and Path(p.folder) not in written:
+            out.append(("push.folder", p.folder, False))
+        if p.analysis is not None:
+            out.append(("push.analysis", p.analysis, False))
+    return out
 
 
 def _check_output(stage: str, out: str, overwrite: bool, inputs: list[Path]) -> None:

@@ -12,18 +12,22 @@ Modes:
 
 Per scale: the mean reward over prompts and samples, and its standard error over prompts
 ``se = sd(per-prompt means) / sqrt(prompts)`` (samples of one prompt are not independent draws of the task).
+
+The sweep may take any scale, negative ones included (it measures; ``apply`` wants ``--allow-negative-scale`` for
+those). :func:`preflight` checks the base and every folder the sweep will write before the long part starts.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from driftmerge.errors import InputError
+from driftmerge.errors import InputError, OutputError
 from driftmerge.evaluation.generation import SamplingOptions, read_prompts
 from driftmerge.evaluation.scoring import ScaleResult, SweepResult, run_eval_cmd, score, summarize
 from driftmerge.progress import Progress
@@ -39,6 +43,7 @@ class SweepOptions:
     eval_cmd: str | None = None  # "CMD {model_dir}": an external evaluator per scale (weights mode)
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     device: str = "auto"
+    allow_other_base: bool = False  # move a --base whose weights differ from the recorded base (apply's flag)
 
     def validate(self) -> None:
         if not self.scales:
@@ -93,8 +98,16 @@ def run_sweep(
         step = step_for_scale(scale, **steps)
         rows.append(summarize(scale, step, rewards=rewards))
         completions += [
-            {"scale": scale, "prompt": p, "sample": k, "completion": t, "reward": r}
-            for p, (ts, rs) in enumerate(zip(texts, rewards, strict=True))
+            {
+                "scale": scale,
+                "prompt_index": p,
+                "prompt": rec["prompt"],
+                "answer": rec.get("answer"),
+                "sample": k,
+                "completion": t,
+                "reward": r,
+            }
+            for p, (rec, ts, rs) in enumerate(zip(records, texts, rewards, strict=True))
             for k, (t, r) in enumerate(zip(ts, rs, strict=True))
         ]
         if progress:
@@ -111,7 +124,7 @@ def _weights_runner(
     from driftmerge.evaluation.inplace import DriftedModel
     from driftmerge.io.models import load_tokenizer
 
-    drifted = DriftedModel(adapter, base, resolve_device(opts.device))
+    drifted = DriftedModel(adapter, base, resolve_device(opts.device), allow_other_base=opts.allow_other_base)
     tok = load_tokenizer(drifted.base.path)
     prompts = [r["prompt"] for r in records]
     for scale in opts.scales:
@@ -129,7 +142,7 @@ def _logits_runner(
     from driftmerge.io.models import load_causal_lm, load_tokenizer
 
     device = resolve_device(opts.device)
-    late = DriftedModel(adapter, base, device)
+    late = DriftedModel(adapter, base, device, allow_other_base=opts.allow_other_base)
     late.set_scale(1.0)
     early = load_causal_lm(late.base.path, device)
     tok = load_tokenizer(late.base.path)
@@ -149,10 +162,56 @@ def _sweep_external(
     rows = []
     for i, scale in enumerate(opts.scales):
         with tempfile.TemporaryDirectory(prefix="driftmerge-sweep-") as tmp:
-            options = ApplyOptions(scale=scale, base=None if base is None else str(base))
+            options = ApplyOptions(
+                scale=scale,
+                base=None if base is None else str(base),
+                allow_negative_scale=True,  # the user listed this scale: the sweep measures it
+                allow_other_base=opts.allow_other_base,
+            )
             applied = apply_drift(adapter, Path(tmp) / "model", options=options)
             mean, se = run_eval_cmd(opts.eval_cmd, applied.out_dir, scale=scale)
         rows.append(ScaleResult(scale, applied.step, mean, se, 0))
         if progress:
             progress(i + 1, len(opts.scales), f"scale {scale:g}: reward {mean:.3f}")
     return rows
+
+
+def preflight(
+    adapter: str | Path,
+    *,
+    base: str | Path | None,
+    out: str | Path,
+    apply_best: str | Path | None,
+    overwrite: bool,
+    allow_other_base: bool = False,
+) -> None:
+    """Before the sweep: the base must be the adapter's (:func:`driftmerge.io.sources.open_base`), and the report
+    folder ``out`` and ``apply_best`` must be writable where they are, not overlap each other or an input, and not
+    exist unless ``overwrite``; so no sweep is spent on a write that then fails."""
+    from driftmerge.io.outputs import check_output_dir
+    from driftmerge.io.sources import open_adapter, open_base
+
+    adapter_dir, adapter_data = open_adapter(adapter)
+    base_ck = open_base(adapter_data, base, allow_other_base=allow_other_base)
+    base_ck.close()
+    inputs = [adapter_dir, base_ck.path]
+    targets = [Path(out), *([] if apply_best is None else [Path(apply_best)])]
+    for target in targets:
+        check_output_dir(target, inputs, overwrite=overwrite)
+        _check_writable(target)
+    if apply_best is not None:
+        report, model = (t.resolve() for t in targets)
+        if report == model or report.is_relative_to(model) or model.is_relative_to(report):
+            raise OutputError(f"{apply_best}: --apply-best and the report folder -o {out} overlap; give two folders")
+
+
+def _check_writable(target: Path) -> None:
+    """The folder that will hold ``target`` (its nearest existing ancestor) must be a folder this process can
+    write into."""
+    parent = target.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"{target}: cannot create it, {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{target}: cannot write into {parent} (permission denied); choose another folder")

@@ -66,7 +66,8 @@ class LogitExtrapolation:
     def __init__(self, early: Any, alpha: float, attention_mask: torch.Tensor):
         self.early, self.alpha = early, float(alpha)
         self.prompt_mask = attention_mask
-        self.cache: Any = None
+        self.cache_kwarg = cache_keyword(early)
+        self.cache: Any = new_cache(early)  # A's own KV cache, grown in place by every forward
         self.fed = 0  # tokens A has seen
 
     @torch.no_grad()
@@ -80,14 +81,37 @@ class LogitExtrapolation:
             input_ids=input_ids[:, self.fed :],
             attention_mask=mask,
             position_ids=positions[:, self.fed :],
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_kwarg: self.cache},
         )
-        self.cache, self.fed = out.past_key_values, length
+        self.cache = out.get(self.cache_kwarg, self.cache)  # the same object, unless the model made a new one
+        self.fed = length
         z_a = out.logits[:, -1, :].float()  # (B, V)
         if z_a.shape[-1] != scores.shape[-1]:
             raise InputError(f"the two models' vocabularies differ ({z_a.shape[-1]} and {scores.shape[-1]} logits)")
         return torch.lerp(z_a, scores.float(), self.alpha)  # exact at alpha 0 (z_A) and 1 (z_B)
+
+
+def cache_keyword(model: Any) -> str:
+    """The name ``model.forward`` takes its KV cache under: ``cache`` from transformers 5.x on (where
+    ``past_key_values`` is deprecated and warns), ``past_key_values`` before."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters  # follows the deprecation wrapper to the real signature
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def new_cache(model: Any) -> Any:
+    """An empty ``transformers.DynamicCache`` for ``model`` (its layer types from the config where supported)."""
+    from transformers import DynamicCache
+
+    try:
+        return DynamicCache(config=model.config)
+    except TypeError:  # a transformers whose DynamicCache takes no config
+        return DynamicCache()
 
 
 def generate(

@@ -23,9 +23,16 @@ from driftmerge.schema import DriftMeta
 class DriftedModel:
     """The base model of an adapter, loaded once with transformers, movable to any scale along the drift."""
 
-    def __init__(self, adapter: str | Path, base: str | Path | None = None, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        adapter: str | Path,
+        base: str | Path | None = None,
+        device: str | torch.device = "cpu",
+        *,
+        allow_other_base: bool = False,  # as apply's: move a base whose weights differ from the recorded one
+    ):
         self.adapter_dir, self.adapter = open_adapter(adapter)
-        self.base = open_base(self.adapter, base)
+        self.base = open_base(self.adapter, base, allow_other_base=allow_other_base)
         self.model = load_causal_lm(self.base.path, device)
         self.device = next(self.model.parameters()).device
         self._deltas = delta_sources(self.adapter)

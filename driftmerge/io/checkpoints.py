@@ -328,7 +328,8 @@ def resolve_steps(
     n = len(paths)
     if steps is not None:
         if len(steps) != n:
-            raise InputError(f"--steps gives {len(steps)} steps for {n} checkpoints")
+            k = len(steps)
+            raise InputError(f"--steps gives {k} step{'s' * (k != 1)} for {n} checkpoint{'s' * (n != 1)}")
         if any(b <= a for a, b in itertools.pairwise(steps)):
             raise InputError(f"--steps must increase strictly, got {','.join(map(str, steps))}")
         found, source = list(steps), "--steps"

@@ -22,16 +22,18 @@ def open_adapter(ref: str | Path) -> tuple[Path, Adapter]:
     return folder, read_adapter(folder)
 
 
-def open_base(adapter: Adapter, base: str | Path | None = None) -> Checkpoint:
+def open_base(adapter: Adapter, base: str | Path | None = None, *, allow_other_base: bool = False) -> Checkpoint:
     """``base`` (a folder or Hub ref), else the base the adapter records (refetched at its commit when gone),
-    checked against the adapter."""
+    checked against the adapter. Weights other than the recorded base's (a checkpoint of the run, say) are refused
+    unless ``allow_other_base``: ``W0' + s · drift`` on a checkpoint counts the drift it already holds twice."""
     base_ck = open_ref(base) if base is not None else open_ref("", resolve_recorded(adapter.meta.base.model_dump()))
-    check_matches_base(adapter, base_ck)
+    check_matches_base(adapter, base_ck, other_weights="warn" if allow_other_base else "refuse")
     return base_ck
 
 
-def check_matches_base(adapter: Adapter, base: Checkpoint) -> None:
-    """The base must have the recorded architecture; other weights of that architecture only get a warning."""
+def check_matches_base(adapter: Adapter, base: Checkpoint, *, other_weights: str = "warn") -> None:
+    """The base must have the recorded architecture. Other weights of that architecture (their probe differs)
+    get a warning, or with ``other_weights="refuse"`` one :class:`InputError` line naming the override flag."""
     recorded = adapter.meta.base
     if recorded.signature and recorded.signature != base.signature():
         raise InputError(
@@ -39,6 +41,8 @@ def check_matches_base(adapter: Adapter, base: Checkpoint) -> None:
             f" from ({recorded.ref}); this adapter was made from another base"
         )
     if recorded.probe and recorded.probe != base.probe():
+        if other_weights == "refuse":
+            raise InputError(_other_base(adapter, base.path))
         logger.warning(
             "%s has the architecture of the adapter's base %s but other weights; applying the drift anyway",
             base.path,
@@ -55,6 +59,26 @@ def check_matches_base(adapter: Adapter, base: Checkpoint) -> None:
                 f"{base.path}: tensor {name} has shape {list(info.shape)}, the adapter expects {rec.shape};"
                 " this adapter was made from another base"
             )
+
+
+def _other_base(adapter: Adapter, path: Path) -> str:
+    """Why weights other than the recorded base's are refused, naming the run's checkpoint when it is one."""
+    meta = adapter.meta
+    if path.resolve() == Path(meta.base.ref).resolve():  # the recorded folder itself
+        return (
+            f"{path}: its weights changed since this adapter was fitted from it; restore the base (or extract"
+            " again), or pass --allow-other-base to move these weights on purpose"
+        )
+    same = [c for c in meta.checkpoints if Path(c.ref).exists() and Path(c.ref).resolve() == path.resolve()]
+    if same:
+        what, held = f"is the run's checkpoint at step {same[0].step}, not", f"up to step {same[0].step}"
+    else:
+        what, held = "holds other weights than", "it may already hold (a checkpoint of the run?)"
+    return (
+        f"{path}: {what} the base this adapter was fitted from ({meta.base.ref}); W0 + s·drift on it would count the"
+        f" drift {held} twice: leave out --base and choose the point with --scale or --step, or pass"
+        " --allow-other-base to move these weights on purpose"
+    )
 
 
 def delta_sources(adapter: Adapter) -> dict[str, Callable[[], torch.Tensor]]:

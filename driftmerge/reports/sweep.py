@@ -1,5 +1,8 @@
 """What ``sweep`` writes: ``sweep.json``, ``sweep.md`` (the table), ``sweep.png`` (reward vs scale, checkpoints
-marked) and ``completions.jsonl`` (every sample with its reward)."""
+marked) and ``completions.jsonl`` (every sample with its prompt, reference answer and reward).
+
+Per scale the table gives the mean reward over all ``samples`` (completions scored: prompts × ``--samples``) and
+``± se``, its standard error over the ``prompts``: ``sd(per-prompt means) / sqrt(prompts)``."""
 
 from __future__ import annotations
 
@@ -22,27 +25,38 @@ def to_json(result: SweepResult, settings: dict[str, Any]) -> dict[str, Any]:
         "mode": result.mode,
         "settings": settings,
         "checkpoints": [{"step": s, "scale": x} for s, x in result.checkpoint_scales],
-        "rows": [asdict(r) for r in result.rows],
+        "rows": [{**asdict(r), "prompts": len(r.prompt_means), "samples": r.n} for r in result.rows],
         "best": {"scale": best.scale, "step": best.step, "mean": best.mean, "se": best.se},
     }
 
 
 def table_rows(result: SweepResult) -> list[list[str]]:
-    """Header + one row per scale; the best is starred."""
+    """Header + one row per scale; the best is starred. ``prompts`` and ``samples`` (completions scored) are
+    counted apart: ``± se`` is over prompts, the mean over samples."""
     what = "alpha" if result.mode == "logits" else "scale"
-    rows = [[what, "step", "mean reward", "± se", "n"]]
+    rows = [[what, "step", "mean reward", "± se", "prompts", "samples"]]
     best = result.best
     for r in result.rows:
         mark = " *" if r is best else ""
         se = "n/a" if r.se is None else f"{r.se:.4f}"
-        rows.append([f"{r.scale:g}{mark}", f"{r.step:g}", f"{r.mean:.4f}", se, str(r.n) if r.n else "external"])
+        counts = [str(len(r.prompt_means)), str(r.n)] if r.n else ["external", "external"]
+        rows.append([f"{r.scale:g}{mark}", f"{r.step:g}", f"{r.mean:.4f}", se, *counts])
     return rows
 
 
+def legend(result: SweepResult) -> str:
+    """What the columns count, in one line under the table."""
+    if not any(r.n for r in result.rows):
+        return "mean reward and ± se as the external evaluator (--eval-cmd) reported them; * = best"
+    return "mean reward over all samples (prompts × --samples); ± se: its standard error over prompts; * = best"
+
+
 def text_table(result: SweepResult) -> str:
+    """The table for a terminal, with its legend."""
     rows = table_rows(result)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join([*lines, legend(result)])
 
 
 def write_outputs(result: SweepResult, out: Path, *, settings: dict[str, Any]) -> list[str]:
@@ -54,6 +68,8 @@ def write_outputs(result: SweepResult, out: Path, *, settings: dict[str, Any]) -
         f"# driftmerge sweep ({result.mode})",
         "",
         *md_table(table_rows(result)),
+        "",
+        legend(result),
         "",
         f"Best {what}: **{best.scale:g}** (step {best.step:g}), mean reward {best.mean:.4f}"
         + ("" if best.se is None else f" ± {best.se:.4f}"),
