@@ -30,6 +30,13 @@ def _run_dir_options() -> list[click.Parameter]:
     show_default=True,
     help="Share of each tensor's elements sampled (seeded) for per-element R².",
 )
+@click.option(
+    "--min-sample",
+    type=int,
+    default=1000,
+    show_default=True,
+    help="...but at least this many elements per tensor (all of a smaller tensor).",
+)
 @click.option("--spectrum", type=int, default=8, show_default=True, help="Report energy in the top 1, 2, 4, ... K.")
 @click.option(
     "--min-move",
@@ -50,12 +57,14 @@ def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: Any) 
 
     With a single ADAPTER folder, render what `driftmerge extract` recorded in it instead.
     """
+    import textwrap
     from pathlib import Path
 
     from driftmerge.commands.analyze import AnalyzeOptions, analyze, analyze_adapter
     from driftmerge.commands.flags import flags
     from driftmerge.commands.options import RunDirSelection
     from driftmerge.io.adapter import META
+    from driftmerge.reports.linearity import legend
 
     run_dir = {name: opts.pop(name) for name in flags(RunDirSelection)}
     if len(paths) == 1 and all(v is None for v in run_dir.values()) and (Path(paths[0]) / META).is_file():
@@ -78,5 +87,8 @@ def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: Any) 
     if lp:
         med = "n/a" if lp["r2_median"] is None else f"{lp['r2_median']:.3f}"
         lines.append(f"log-probs: {lp['kept']} of {lp['tokens']} tokens moved > {lp['min_move']}; median R² {med}")
-    lines.append(f"wrote {result.out_dir}: report.json, report.md, {len(result.figures)} figures")
+    for text in [*legend(result.report), *result.report["notes"]]:  # what the columns mean, then the warnings
+        lines += textwrap.wrap(text, 116, subsequent_indent="  ", break_on_hyphens=False)
+    left_out = f" ({len(result.skipped)} left out: see report.md)" if result.skipped else ""
+    lines.append(f"wrote {result.out_dir}: report.json, report.md, {len(result.figures)} figures{left_out}")
     click.echo("\n".join(lines))

@@ -12,7 +12,7 @@ from helpers import assert_one_line_error, load_weights
 from synthetic import make_run
 
 from driftmerge.commands.analyze import AnalyzeOptions, analyze
-from driftmerge.core.linearity import element_r2, tensor_stats
+from driftmerge.core.linearity import element_r2, sample_indices, tensor_stats
 from driftmerge.core.trajectory import pooled_r2, pooled_sums
 
 SCHEMA = json.loads((Path(__file__).parent.parent / "docs" / "report.schema.json").read_text())
@@ -64,14 +64,17 @@ def test_curved_trajectory_matches_a_dense_numpy_computation(tmp_path):
         assert pooled_r2(*sums) == pytest.approx(pooled, abs=1e-9)
 
 
-def test_element_r2_on_the_sample_is_exact_for_those_elements():
+@pytest.mark.parametrize(("frac", "min_count", "size"), [(1.0, 1, 500), (0.2, 1, 100), (1e-3, 300, 300)])
+def test_element_r2_on_the_sample_is_exact_for_those_elements(frac, min_count, size):
+    """frac 1 takes every element, in order; a smaller sample (at least ``min_count``) draws distinct elements."""
     g = torch.Generator().manual_seed(0)
     deltas = [torch.randn(500, generator=g) * k + 0.1 * torch.randn(500, generator=g) for k in (1.0, 2.0, 3.5)]
-    r2, count = element_r2(deltas, [1, 2, 3], frac=1.0, min_move=0.0, seed=9)
-    idx = torch.randint(500, (500,), generator=torch.Generator().manual_seed(9))
-    y = np.stack([np.zeros(500)] + [d[idx].double().numpy() for d in deltas])
-    want = [np.corrcoef([0, 1, 2, 3], y[:, i])[0, 1] ** 2 for i in range(500)]
-    assert count == 500 and np.allclose(r2, want, atol=1e-9)
+    r2, count = element_r2(deltas, [1, 2, 3], frac=frac, min_move=0.0, seed=9, min_count=min_count)
+    idx = sample_indices(500, size, seed=9)
+    assert len(set(idx.tolist())) == size and (size < 500 or idx.tolist() == list(range(500)))
+    y = np.stack([np.zeros(size)] + [d[idx].double().numpy() for d in deltas])
+    want = [np.corrcoef([0, 1, 2, 3], y[:, i])[0, 1] ** 2 for i in range(size)]
+    assert count == size and np.allclose(r2, want, atol=1e-9)
 
 
 def test_flat_spectrum_energy_matches_the_exact_singular_values():

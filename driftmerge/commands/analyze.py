@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from driftmerge.core.devices import resolve_device
-from driftmerge.core.linearity import TensorStats, layer_of, module_type, tensor_stats
+from driftmerge.core.linearity import MIN_SAMPLE, TensorStats, layer_of, module_type, tensor_stats
 from driftmerge.errors import InputError
 from driftmerge.io.adapter import META, read_adapter
 from driftmerge.io.architecture import describe
@@ -23,7 +23,8 @@ from driftmerge.io.jsonl import read_records
 from driftmerge.io.outputs import atomic_output_dir, check_output_dir
 from driftmerge.io.stream import raise_not_finite, stream_deltas
 from driftmerge.progress import Progress
-from driftmerge.reports.linearity import build_report, check_plotting, draw_figures, markdown, summary_rows, write_json
+from driftmerge.reports.linearity import build_report, check_plotting, markdown, summary_rows, write_json
+from driftmerge.reports.linearity_figures import draw_figures
 
 
 @dataclass
@@ -31,6 +32,7 @@ class AnalyzeOptions:
     steps: Sequence[int] | None = None
     base_step: int = 0
     sample_frac: float = 1e-3  # share of each tensor's elements sampled for per-element R²
+    min_sample: int = MIN_SAMPLE  # ... but at least this many per tensor (every element of a smaller tensor)
     spectrum: int = 8  # top singular values whose energy shares are reported (1, 2, 4, ..., K)
     min_move: float = 0.1  # elements whose range is below this × the sample's median range are left out
     seed: int = 0
@@ -43,6 +45,8 @@ class AnalyzeOptions:
     def validate(self) -> None:
         if not 0.0 < self.sample_frac <= 1.0:
             raise InputError(f"--sample-frac must lie in (0, 1], got {self.sample_frac}")
+        if self.min_sample < 1:
+            raise InputError(f"--min-sample must be 1 or more, got {self.min_sample}")
         if self.spectrum < 0:
             raise InputError(f"--spectrum must be 0 or more, got {self.spectrum}")
         if self.min_move < 0 or self.logprob_min_move < 0:
@@ -56,6 +60,7 @@ class AnalyzeResult:
     out_dir: Path
     report: dict[str, Any]
     figures: dict[str, str] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # figures left out: why
 
     def table(self) -> list[list[str]]:
         return summary_rows(self.report)
@@ -102,6 +107,7 @@ def analyze(
                 ds,
                 t=t,
                 sample_frac=opts.sample_frac,
+                min_sample=opts.min_sample,
                 spectrum=opts.spectrum,
                 min_move=opts.min_move,
                 seed=opts.seed,
@@ -123,6 +129,7 @@ def analyze(
     }
     settings = {
         "sample_frac": opts.sample_frac,
+        "min_sample": opts.min_sample,
         "spectrum": opts.spectrum,
         "min_move": opts.min_move,
         "seed": opts.seed,
@@ -135,8 +142,9 @@ def analyze(
 def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> AnalyzeResult:
     """Render what ``extract`` recorded in an adapter's ``driftmerge.json`` (pooled R², kept energy, drift norms).
 
-    Without the checkpoints there is no per-element R², no per-checkpoint norm and no direction stability; group
-    R² values here weigh each tensor's R² by its drift energy, which is not the pooled sum the full analysis uses.
+    Without the checkpoints there is no per-element R², no per-checkpoint norm, no direction stability and no
+    trajectory; group R² values here weigh each tensor's R² by its drift energy, which is not the pooled sum the full
+    analysis uses. The steps are those of the checkpoints ``extract`` fitted.
     """
     check_plotting()
     adapter = read_adapter(adapter_dir)
@@ -155,16 +163,16 @@ def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, *, overwrite: 
                 module_type=module_type(name),
                 layer=layer_of(name),
                 shape=rec.shape,
-                delta_norms=[norm],
+                delta_norms=[],
                 step_cosines=[],
-                projection=[norm],
+                projection=[],
                 drift_norm=norm,
                 ss_tot=weight,
                 ss_res=(1.0 - r2) * weight if r2 is not None else 0.0,
                 energy_top={1: energy} if rec.rank == 1 and energy is not None else None,
             )
         )
-    steps = [meta.s_ref]
+    steps = [c.step for c in meta.checkpoints]
     refs = {
         "source": "adapter",
         "base": meta.base.ref,
@@ -172,6 +180,7 @@ def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, *, overwrite: 
     }
     settings = {
         "sample_frac": None,
+        "min_sample": None,
         "spectrum": None,
         "min_move": None,
         "seed": meta.seed,
@@ -186,10 +195,10 @@ def _write(
     report: dict[str, Any], stats: list[TensorStats], out_dir: Path, inputs: list[Path], overwrite: bool
 ) -> AnalyzeResult:
     with atomic_output_dir(out_dir, inputs, overwrite=overwrite) as tmp:
-        figures = draw_figures(report, stats, out=tmp)
+        figures, skipped = draw_figures(report, stats, out=tmp)
         write_json(report, tmp / "report.json")
-        (tmp / "report.md").write_text(markdown(report, figures))
-    return AnalyzeResult(out_dir=out_dir, report=report, figures=figures)
+        (tmp / "report.md").write_text(markdown(report, figures, skipped=skipped))
+    return AnalyzeResult(out_dir=out_dir, report=report, figures=figures, skipped=skipped)
 
 
 def _read_pairs(path: Path) -> list[dict[str, str]]:

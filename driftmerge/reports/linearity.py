@@ -1,4 +1,5 @@
-"""The `analyze` report: ``report.json`` (schema: ``docs/report.schema.json``), ``report.md`` and PNG figures.
+"""The `analyze` report: ``report.json`` (schema: ``docs/report.schema.json``), ``report.md``, the console summary,
+and what each R² means (the figures: :mod:`driftmerge.reports.linearity_figures`).
 
 Figures are drawn with matplotlib (the ``[plot]`` extra) on the Agg backend, so no display is needed.
 """
@@ -11,7 +12,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from driftmerge.core.linearity import R2_THRESHOLD, TensorStats, group_by, model_projection, summarize
+from driftmerge.core.linearity import (
+    R2_THRESHOLD,
+    SMALL_SAMPLE,
+    TensorStats,
+    base_line,
+    free_line,
+    group_by,
+    model_projection,
+    summarize,
+)
 from driftmerge.errors import DriftmergeError
 
 REPORT_FORMAT = "driftmerge-analysis"
@@ -40,7 +50,8 @@ def build_report(
     by_layer = group_by(stats, lambda s: "other" if s.layer is None else str(s.layer))
     t = [s - base_step for s in steps]
     proj = model_projection(stats)
-    return {
+    along = len(proj) == len(t)  # checkpoints measured (an adapter records no trajectory)
+    report = {
         "format": REPORT_FORMAT,
         "version": REPORT_VERSION,
         "source": refs.get("source", "checkpoints"),
@@ -49,29 +60,23 @@ def build_report(
         "steps": steps,
         "base_step": base_step,
         "settings": {**settings, "r2_threshold": R2_THRESHOLD},
-        "model": {**summarize(stats), "projection": proj, "projection_line": _line([0.0, *t], [0.0, *proj])},
+        "model": {
+            **summarize(stats),
+            "projection": proj,
+            "projection_line": free_line([0.0, *t], [0.0, *proj]) if along else None,
+            "projection_base_line": base_line(t, proj) if along else None,
+        },
         "by_module_type": {k: summarize(v) for k, v in sorted(by_type.items())},
         "by_layer": {k: summarize(v) for k, v in sorted(by_layer.items(), key=lambda kv: _layer_key(kv[0]))},
         "tensors": {s.name: _tensor_entry(s) for s in stats},
         "logprobs": logprobs,
     }
+    report["notes"] = notes(report)
+    return report
 
 
 def _layer_key(k: str) -> tuple[int, int]:
     return (1, 0) if k == "other" else (0, int(k))
-
-
-def _line(x: list[float], y: list[float]) -> dict[str, float] | None:
-    """Least-squares ``y = slope x + intercept`` and its R² (None with fewer than 3 points)."""
-    if len(x) < 3:
-        return None
-    n = len(x)
-    xb, yb = sum(x) / n, sum(y) / n
-    sxx = sum((a - xb) ** 2 for a in x)
-    sxy = sum((a - xb) * (b - yb) for a, b in zip(x, y, strict=True))
-    syy = sum((b - yb) ** 2 for b in y)
-    slope = sxy / sxx if sxx > 0 else 0.0
-    return {"slope": slope, "intercept": yb - slope * xb, "r2": sxy * sxy / (sxx * syy) if sxx * syy > 0 else 1.0}
 
 
 def _tensor_entry(s: TensorStats) -> dict[str, Any]:
@@ -93,65 +98,163 @@ def _tensor_entry(s: TensorStats) -> dict[str, Any]:
     }
 
 
+# ---- what the numbers mean ---------------------------------------------------------------------------------------
+SHORT_NEEDS_TWO = "no R² from one checkpoint (see the note above)"
+NEEDS_TWO = (
+    "R² needs two or more checkpoints (plus the base): a line fits the base and one checkpoint exactly, so no R² is"
+    " reported; drift norms and rank-1 energy are."
+)
+
+
+def has_r2(report: dict[str, Any]) -> bool:
+    return len(report["steps"]) >= 2
+
+
+def _small(g: dict[str, Any]) -> bool:
+    """A per-element figure drawn from fewer than SMALL_SAMPLE elements of larger tensors (all of a small tensor is
+    no sample)."""
+    kept = g.get("elem_count", g.get("elem_kept", 0))
+    numel = g.get("elem_numel", math.prod(g.get("shape", [])))
+    return 0 < g["elem_sampled"] < numel and 0 < kept < SMALL_SAMPLE
+
+
+def _groups(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [report["model"], *report["by_module_type"].values(), *report["by_layer"].values()]
+
+
+def notes(report: dict[str, Any]) -> list[str]:
+    """Warnings and caveats, said once each in the console summary and in report.md."""
+    out = []
+    if not has_r2(report):
+        out.append(NEEDS_TWO)
+    if report["source"] == "adapter":
+        out.append(
+            "From an adapter alone: the per-element R², the drift norm per checkpoint, the direction stability and"
+            " the trajectory need the checkpoints (run `driftmerge analyze BASE CHECKPOINT...`)."
+        )
+    small = [g["elem_count"] for g in _groups(report) if _small(g)]
+    small += [e["elem_kept"] for e in report["tensors"].values() if _small(e)]
+    if small:
+        err = 50 / math.sqrt(max(min(small), 1))
+        out.append(
+            f"Warning: per-element R² marked * rests on fewer than {SMALL_SAMPLE} sampled elements (as few as"
+            f" {min(small)}): its median and share are uncertain by about ±{err:.0f} points (one standard error)."
+            " Raise --sample-frac or --min-sample."
+        )
+    return out
+
+
+def legend(report: dict[str, Any]) -> list[str]:
+    """One line per R² the summary table shows: what it is, and how it relates to the number `extract` prints."""
+    m, st = report["model"], report["settings"]
+    out = []
+    if has_r2(report):
+        how = (
+            "each tensor's as extract recorded it, a group's the drift-energy-weighted mean"
+            if report["source"] == "adapter"
+            else "pooled over every element of the group, large moves weighing more"
+        )
+        out.append(
+            "R² pooled: the share of the weights' movement that a straight line in the step explains (each element's"
+            f" least-squares line with intercept, over the base and the checkpoints), {how}. extract records it per"
+            f" tensor and prints the median over tensors: here {fmt(m['r2_tensor_median'])}."
+        )
+    if m["elem_count"]:
+        out.append(
+            f"elem R²: the same r² for single elements, on a seeded sample ({m['elem_sampled']:,} of"
+            f" {m['elem_numel']:,} elements: {st['sample_frac']:g} of each tensor, at least {st['min_sample']:,} or all"
+            f" of a smaller one); median and share above {R2_THRESHOLD} of the {m['elem_count']:,} that move"
+            " ('elements'), each counting alike: small, noisy elements usually pull it below the pooled R²."
+        )
+    return out
+
+
+def projection_text(report: dict[str, Any]) -> str | None:
+    """What the trajectory figure's fit means (None when there is no such fit)."""
+    line = report["model"]["projection_line"]
+    if not line:
+        return None
+    return (
+        "projection r² (trajectory figure): the base's and checkpoints' projections on the whole model's drift"
+        " direction against the step, fitted by a free line with intercept: r² "
+        f"{line['r2']:.3f}. It sees linearity along that one direction only, not the movement off it that the"
+        " pooled R² counts, so it usually reads highest. The figure's solid line is the one extract extrapolates along:"
+        " through the base, slope ‖D‖ / t_ref."
+    )
+
+
 # ---- markdown and terminal ---------------------------------------------------------------------------------------
-def _fmt(x: float | None, digits: int = 3) -> str:
+def fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _cols(report: dict[str, Any]) -> tuple[bool, bool]:
+    return has_r2(report), bool(report["model"]["elem_count"])
+
+
+def _elem_cells(g: dict[str, Any], median_only: bool = False) -> list[str]:
+    share = g["elem_r2_share_above"]
+    kept = g.get("elem_count", g.get("elem_kept", 0))
+    cells = [fmt(g["elem_r2_median"])]
+    if not median_only:
+        cells.append("n/a" if share is None else f"{100 * share:.0f} %")
+    return [*cells, f"{kept:,}" + (" *" if _small(g) else "")]
+
+
 def summary_rows(report: dict[str, Any]) -> list[list[str]]:
-    """Rows of the compact table: the whole model, then each module type."""
-    head = ["group", "tensors", "R² pooled", "elem R² median", f"elem R² > {R2_THRESHOLD}", "rank-1 energy"]
+    """Rows of the compact table: the whole model, then each module type (R² columns only where measured)."""
+    r2, elem = _cols(report)
+    head = ["group", "tensors", *(["R² pooled"] if r2 else [])]
+    head += [*(["elem R² median", f"elem R² > {R2_THRESHOLD}", "elements"] if elem else []), "rank-1 energy"]
     rows = [head]
     for label, g in [("model", report["model"]), *report["by_module_type"].items()]:
-        share = g["elem_r2_share_above"]
-        rows.append(
-            [
-                label,
-                str(g["tensors"]),
-                _fmt(g["r2"]),
-                _fmt(g["elem_r2_median"]),
-                "n/a" if share is None else f"{100 * share:.0f} %",
-                _fmt(g["energy_rank1"]),
-            ]
-        )
+        cells = [label, str(g["tensors"]), *([fmt(g["r2"])] if r2 else []), *(_elem_cells(g) if elem else [])]
+        rows.append([*cells, fmt(g["energy_rank1"])])
     return rows
 
 
-def markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
+def _intro(report: dict[str, Any]) -> str:
     steps = ", ".join(map(str, report["steps"]))
+    n = len(report["steps"])
+    cks = f"{n} checkpoint{'s' if n > 1 else ''} at step{'s' if n > 1 else ''} {steps}"
+    base = f"the base {report['base']} (step {report['base_step']})"
+    if report["source"] == "adapter":
+        return f"Rendered from an adapter's driftmerge.json: extract's fit from {base} and {cks}."
+    return f"{base[0].upper()}{base[1:]}; {cks}."
+
+
+def markdown(report: dict[str, Any], figures: dict[str, str], *, skipped: dict[str, str] | None = None) -> str:
+    r2, elem = _cols(report)
     lines = [
         "# driftmerge analysis",
         "",
-        f"Base {report['base']} (step {report['base_step']}); checkpoints at steps {steps}. "
-        f"Per-element R² on a {report['settings'].get('sample_frac')} sample of each tensor's elements; "
-        f'"linear" means R² > {R2_THRESHOLD} (the seed paper\'s bar).',
-        "",
-        "## Summary",
-        "",
-        *md_table(summary_rows(report)),
-        "",
-        "## Per layer",
-        "",
-        *md_table(
-            [["layer", "tensors", "R² pooled", "elem R² median", "rank-1 energy"]]
-            + [
-                [k, str(g["tensors"]), _fmt(g["r2"]), _fmt(g["elem_r2_median"]), _fmt(g["energy_rank1"])]
-                for k, g in report["by_layer"].items()
-            ]
-        ),
-        "",
-        "## Least linear tensors",
-        "",
-        *md_table(
-            [["tensor", "R² pooled", "elem R² median", "min step cos"]]
-            + [
-                [name, _fmt(e["r2"]), _fmt(e["elem_r2_median"]), _fmt(min(e["step_cosines"], default=None))]
-                for name, e in sorted(
-                    ((n, e) for n, e in report["tensors"].items() if e["r2"] is not None), key=lambda ne: ne[1]["r2"]
-                )[:10]
-            ]
-        ),
+        _intro(report) + f' "Linear" means R² > {R2_THRESHOLD} (the seed paper\'s bar).',
     ]
+    lines += [line for n in report["notes"] for line in ("", f"> {n}")]
+    lines += ["", "## Summary", "", *md_table(summary_rows(report))]
+    meaning = [*legend(report), *([p] if (p := projection_text(report)) else [])]
+    if meaning:
+        lines += ["", "## What the R² figures mean", ""]
+        lines += [f"- **{name}**{rest}" for name, rest in (_split_name(x) for x in meaning)]
+    per_layer = [
+        ["layer", "tensors", *(["R² pooled"] if r2 else []), *(["elem R² median", "elements"] if elem else [])]
+    ]
+    per_layer[0].append("rank-1 energy")
+    for k, g in report["by_layer"].items():
+        cells = [k, str(g["tensors"]), *([fmt(g["r2"])] if r2 else []), *(_elem_cells(g, True) if elem else [])]
+        per_layer.append([*cells, fmt(g["energy_rank1"])])
+    lines += ["", "## Per layer", "", *md_table(per_layer)]
+    if r2:
+        least = sorted(
+            ((n, e) for n, e in report["tensors"].items() if e["r2"] is not None), key=lambda ne: ne[1]["r2"]
+        )
+        cos = report["source"] == "checkpoints"
+        rows = [["tensor", "R² pooled", *(["elem R² median", "elements"] if elem else []), *(["min step cos"] * cos)]]
+        rows += [
+            [n, fmt(e["r2"]), *(_elem_cells(e, True) if elem else []), *([fmt(min(e["step_cosines"]))] if cos else [])]
+            for n, e in least[:10]
+        ]
+        lines += ["", "## Least linear tensors", "", *md_table(rows)]
     lp = report.get("logprobs")
     if lp:
         lines += [
@@ -159,12 +262,20 @@ def markdown(report: dict[str, Any], figures: dict[str, str]) -> str:
             "## Teacher-forced log-prob linearity",
             "",
             f"{lp['pairs']} pairs, {lp['tokens']} response tokens; {lp['kept']} moved by more than "
-            f"{lp['min_move']} and are kept: median R² {_fmt(lp['r2_median'])}, "
-            f"{_fmt(None if lp['r2_share_above'] is None else 100 * lp['r2_share_above'], 0)} % above {R2_THRESHOLD}.",
+            f"{lp['min_move']} and are kept: median R² {fmt(lp['r2_median'])}, "
+            f"{fmt(None if lp['r2_share_above'] is None else 100 * lp['r2_share_above'], 0)} % above {R2_THRESHOLD}.",
         ]
-    if figures:
-        lines += ["", "## Figures", ""] + [f"![{k}]({v})" for k, v in figures.items()]
+    if figures or skipped:
+        lines += ["", "## Figures", "", *(f"![{k}]({v})" for k, v in figures.items())]
+        lines += [f"- not drawn: {k}: {why}" for k, why in (skipped or {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def _split_name(text: str) -> tuple[str, str]:
+    """("R² pooled", ": the share …") from "R² pooled: the share …" (a parenthesis after the name stays outside)."""
+    head, sep, rest = text.partition(":")
+    name, paren, note = head.partition(" (")
+    return name, f" ({note}" * bool(paren) + sep + rest
 
 
 def md_table(rows: list[list[str]]) -> list[str]:
@@ -190,112 +301,6 @@ def pyplot(command: str = "analyze") -> Any:
 def check_plotting() -> None:
     """Fail before the long pass when the figures could not be drawn."""
     pyplot()
-
-
-def draw_figures(report: dict[str, Any], stats: list[TensorStats], *, out: Path) -> dict[str, str]:
-    """Write the PNG figures into ``out``; return {figure: file name}."""
-    plt = pyplot()
-    written: dict[str, str] = {}
-    layers = [k for k in report["by_layer"] if k != "other"]
-    types = sorted({s.module_type for s in stats if s.layer is not None})
-
-    def grid(value: str, cols: list[str]) -> list[list[float]]:
-        cells = {(str(s.layer), s.module_type): s for s in stats if s.layer is not None}
-        out_rows = []
-        for layer in layers:
-            row = []
-            for typ in cols:
-                s = cells.get((layer, typ))
-                v = None
-                if s is not None:
-                    v = s.r2 if value == "r2" else (s.energy_top or {}).get(1)
-                row.append(math.nan if v is None else v)
-            out_rows.append(row)
-        return out_rows
-
-    for key, value, title in (
-        ("r2_heatmap", "r2", "Pooled linearity R² per tensor"),
-        ("rank1_energy_heatmap", "energy", "Share of drift energy in rank 1"),
-    ):
-        cols = types if value == "r2" else [c for c in types if any(s.module_type == c and s.energy_top for s in stats)]
-        if not layers or not cols:  # no layer stack, or no 2-D weights for the energy map
-            continue
-        fig, ax = plt.subplots(figsize=(max(5.0, 1.6 + 0.7 * len(cols)), max(3.5, 1.6 + 0.3 * len(layers))))
-        im = ax.imshow(grid(value, cols), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-        ax.set_yticks(range(len(layers)), layers)
-        ax.set_xlabel("module type")
-        ax.set_ylabel("layer")
-        ax.set_title(title)
-        fig.colorbar(im, ax=ax)
-        _save(fig, out / FIGURES[key], plt)
-        written[key] = FIGURES[key]
-
-    elems = [r for s in stats for r in s.elem_r2]
-    if elems:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.hist(elems, bins=50, range=(0, 1), color="tab:blue")
-        ax.axvline(R2_THRESHOLD, color="tab:red", linestyle="--", label=f"R² = {R2_THRESHOLD}")
-        ax.set_xlabel("per-element R² (sampled, moving elements)")
-        ax.set_ylabel("elements")
-        ax.set_title(f"Per-element linearity: median {_fmt(report['model']['elem_r2_median'])}")
-        ax.legend()
-        _save(fig, out / FIGURES["element_r2_hist"], plt)
-        written["element_r2_hist"] = FIGURES["element_r2_hist"]
-
-    if report["source"] == "adapter":  # one recorded point per tensor: no trajectory to draw
-        return written
-    steps = report["steps"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    colors = plt.get_cmap("tab20").colors
-    for k, (typ, g) in enumerate(report["by_module_type"].items()):
-        xs = [report["base_step"], *steps]
-        ax.plot(xs, [0.0, *g["delta_norms"]], marker="o", label=typ, color=colors[k % len(colors)])
-    ax.set_xlabel("step")
-    ax.set_ylabel("‖W_step − W_base‖ (all tensors of the type)")
-    ax.set_title("Drift norm vs step")
-    ax.legend(fontsize=7, ncol=2)
-    _save(fig, out / FIGURES["drift_norm_vs_step"], plt)
-    written["drift_norm_vs_step"] = FIGURES["drift_norm_vs_step"]
-
-    proj, line = report["model"]["projection"], report["model"]["projection_line"]
-    if proj:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [report["base_step"], *steps]
-        ax.plot(xs, [0.0, *proj], "o", color="tab:blue", label="base and checkpoints")
-        if line:
-            ts = [x - report["base_step"] for x in (xs[0], xs[-1])]
-            ax.plot(
-                [xs[0], xs[-1]],
-                [line["intercept"] + line["slope"] * x for x in ts],
-                "-",
-                color="tab:orange",
-                label=f"least-squares line (R² {line['r2']:.4f})",
-            )
-        ax.set_xlabel("step")
-        ax.set_ylabel("projection on the fitted drift direction")
-        ax.set_title("The trajectory along its drift")
-        ax.legend()
-        _save(fig, out / FIGURES["trajectory_projection"], plt)
-        written["trajectory_projection"] = FIGURES["trajectory_projection"]
-
-    lp = report.get("logprobs")
-    if lp and lp.get("r2_values"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.hist(lp["r2_values"], bins=40, range=(0, 1), color="tab:green")
-        ax.axvline(R2_THRESHOLD, color="tab:red", linestyle="--")
-        ax.set_xlabel(f"per-token log-prob R² (tokens that moved > {lp['min_move']})")
-        ax.set_ylabel("tokens")
-        ax.set_title(f"Log-prob linearity: median {_fmt(lp['r2_median'])}")
-        _save(fig, out / FIGURES["logprob_r2_hist"], plt)
-        written["logprob_r2_hist"] = FIGURES["logprob_r2_hist"]
-    return written
-
-
-def _save(fig: Any, path: Path, plt: Any) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version stamp: same inputs, same bytes
-    plt.close(fig)
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
