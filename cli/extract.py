@@ -106,7 +106,7 @@ def print_summary(result: ExtractResult, next_hint: bool = True) -> None:
         f"  tensors      {s.tensors} fitted: {s.lora_tensors} LoRA ({ranks}), "
         f"{s.extras_tensors} extras ({extras_text(s)}), {len(s.zero_tensors)} without drift (left out)",
         f"  energy kept  {s.energy_kept:.4f} of the LoRA tensors' drift energy ({m.fit} fit, {m.svd} SVD)",
-        f"  median R²    {r2}",
+        f"  median R²    {r2} (pooled R² of each tensor's line, median over tensors; see analyze)",
         f"  size         {human_bytes(s.adapter_bytes)} adapter vs {human_bytes(s.checkpoint_bytes)} checkpoint"
         f" ({ratio:.2%})",
         f"  not in PEFT  {100 * s.extras_share:.2f} % of the drift energy sits in drift_extras.safetensors"
