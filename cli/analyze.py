@@ -49,7 +49,13 @@ def _run_dir_options() -> list[click.Parameter]:
 @click.option("--logprob-min-move", type=float, default=0.2, show_default=True, help="Keep tokens that moved more.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:i] for the statistics and scoring.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the element sample.")
-@click.option("--max-memory", type=SizeType(), default="1GiB", show_default=True, help="Read-ahead.")
+@click.option(
+    "--max-memory",
+    type=SizeType(),
+    default="1GiB",
+    show_default=True,
+    help="Memory for reading tensors ahead of the pass (changes speed, not the report).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace the report folder if it exists.")
 def analyze_cmd(paths: tuple[str, ...], out: str, overwrite: bool, **opts: Any) -> None:
     """How linear was the run BASE → CHECKPOINT... (or the checkpoints of --run-dir; BASE may then be left out when

@@ -19,7 +19,13 @@ if TYPE_CHECKING:
 @click.option("--base-step", type=int, default=0, show_default=True, help="Step of --base.")
 @click.option("-o", "--output", "out", metavar="DIR", help="Where the jumps go [default: DIR/driftmerge-reground].")
 @click.option("--rank", type=RankType(), default="1", show_default=True, help="Rank K, or an energy share like 0.9.")
-@click.option("--fit", type=click.Choice(["lsq", "pca", "endpoint"]), default="lsq", show_default=True)
+@click.option(
+    "--fit",
+    type=click.Choice(["lsq", "pca", "endpoint"]),
+    default="lsq",
+    show_default=True,
+    help="How each window's line is fitted, as extract --fit.",
+)
 @click.option(
     "--optimizer",
     type=click.Choice(["keep", "reset"]),
