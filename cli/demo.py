@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -11,28 +13,49 @@ from driftmerge_cli.common import progress_bar
 from driftmerge_cli.extract import print_summary
 
 
+def user_path(path: Path) -> str:
+    """``path`` as the user can type it where they stand: relative to the current folder when that is shorter,
+    else absolute."""
+    absolute = os.path.abspath(path)
+    try:
+        relative = os.path.relpath(absolute)
+    except ValueError:  # another drive (Windows)
+        return absolute
+    return relative if len(relative) <= len(absolute) else absolute
+
+
 @click.command("demo")
-@click.option("--keep", type=click.Path(path_type=Path), help="Keep the demo's files in this folder.")
-def demo_cmd(keep: Path | None) -> None:
+@click.option(
+    "--keep", type=click.Path(path_type=Path), help="Keep the demo's files in this folder (it must not exist yet)."
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the --keep folder if it exists (the old one stays until the new one is complete).",
+)
+def demo_cmd(keep: Path | None, overwrite: bool) -> None:
     """Extract the drift of a real tiny GRPO run (shipped with driftmerge), extrapolate it to scale 1.5 and score
     the models on held-out problems."""
-    from driftmerge.commands.demo import DEMO_SCALE, DEMO_STEPS, run_demo
+    from driftmerge.commands.demo import DEMO_SCALE, DEMO_STEPS, apply_command, extract_command, run_demo
 
+    if overwrite and keep is None:
+        raise click.UsageError("--overwrite replaces the --keep folder; give --keep DIR")
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="driftmerge-demo-") as tmp:
-        folder = keep or Path(tmp)
-        click.echo(
+        folder = keep if keep is not None else Path(tmp) / "demo"
+        heading = (
             f"driftmerge demo: a tiny Llama trained with GRPO on 2-digit addition (0/1 reward), base + checkpoints"
-            f" {', '.join(map(str, DEMO_STEPS))}, copied to {folder}/run"
+            f" {', '.join(map(str, DEMO_STEPS))}, copied to {user_path(folder / 'run')}"
         )
-        with progress_bar("demo") as progress:
-            rep = run_demo(folder, progress)
-        steps = " ".join(f"run/checkpoint-{s}" for s in DEMO_STEPS)
-        click.echo(f"\n$ driftmerge extract run/base {steps}")
-        print_summary(rep.extracted, next_hint=False)
+        with progress_bar("demo") as progress:  # the heading once the folder could be made, not before
+            rep = run_demo(folder, progress, overwrite=overwrite, started=lambda: click.echo(heading))
+        click.echo(f"\n$ {extract_command(rep.folder, user_path)}")
+        print_summary(replace(rep.extracted, out_dir=Path(user_path(rep.extracted.out_dir))), next_hint=False)
         a = rep.applied
-        click.echo(f"\n$ driftmerge apply driftmerge-adapter --scale {DEMO_SCALE}")
-        click.echo(f"wrote {a.out_dir}: scale {a.scale:g} = step {a.step:g}; {a.tensors_changed} tensors moved")
+        click.echo(f"\n$ {apply_command(rep.folder, user_path)}")
+        click.echo(
+            f"wrote {user_path(a.out_dir)}: scale {a.scale:g} = step {a.step:g}; {a.tensors_changed} tensors moved"
+        )
         acc, last = rep.accuracy, DEMO_STEPS[-1]
         rows = [
             ("base (step 0, the supervised start)", acc["base"]),
@@ -41,10 +64,15 @@ def demo_cmd(keep: Path | None) -> None:
             (f"extrapolated, scale {DEMO_SCALE:g} (step {a.step:g})", acc["extrapolated"]),
         ]
         table = "\n".join(f"  {name:<40} {value:.3f}" for name, value in rows)
+        if keep is not None:  # a command to type as is
+            another = apply_command(rep.folder, user_path, scale=2, out="model-scale-2")
+            kept = f"\n\nAnother scale, on the kept files:\n  {another}"
+        else:
+            kept = "\n(those files were in a temporary folder, now removed; --keep DIR keeps them)"
         click.echo(
             f"\nheld-out greedy accuracy on {rep.problems} addition problems:\n{table}\n"
             f"done in {time.perf_counter() - t0:.1f} s. Whether extrapolation helps depends on the run: measure it"
-            " on yours with `driftmerge sweep`.\n"
+            f" on yours with `driftmerge sweep`.{kept}\n"
             "\nOn your own run:\n"
             "  driftmerge extract BASE_DIR --run-dir RUN -o my-drift\n"
             "  driftmerge sweep my-drift --prompts tasks.jsonl --apply-best my-model"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 from driftmerge_cli.common import command_line
+from driftmerge_cli.options import options_from
 
 
 @click.command("export-mergekit")
@@ -40,14 +41,16 @@ def export_mergekit_cmd(
 ) -> None:
     """Write a mergekit YAML that reproduces `driftmerge apply ADAPTER --scale S` with mergekit's task_arithmetic."""
     from driftmerge.commands.export_mergekit import export_mergekit
+    from driftmerge.commands.flags import flags
+    from driftmerge.commands.options import ApplyOptions
 
-    if (scale is None) == (step is None):
-        raise click.UsageError("give exactly one of --scale or --step")
+    # apply's rules for --scale / --step, with its exit codes (2: both or neither, 3: not a finite number)
+    target = options_from(ApplyOptions, {**dict.fromkeys(flags(ApplyOptions)), "scale": scale, "step": step})
     r = export_mergekit(
         adapter,
         out,
-        scale=scale,
-        step=step,
+        scale=target.scale,
+        step=target.step,
         via=via,
         base=base,
         dtype=dtype,

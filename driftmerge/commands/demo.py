@@ -10,19 +10,24 @@ scale 1 and the extrapolated one on the recipe's held-out problems, whatever the
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
 from driftmerge.commands.apply import ApplyResult, apply_drift
 from driftmerge.commands.extract import ExtractOptions, ExtractResult, extract
 from driftmerge.commands.options import ApplyOptions
+from driftmerge.io.outputs import atomic_output_dir
 from driftmerge.progress import Progress
+from driftmerge.schema import read_meta
 
 DEMO_STEPS = (50, 100, 150, 200)
 DEMO_SCALE = 1.5
 DATA = "toy-rlvr"
+ADAPTER, MODEL, AT_ONE = "driftmerge-adapter", "driftmerge-model", "model-scale-1"  # the outputs, in the folder
 
 
 @dataclass
@@ -42,28 +47,64 @@ def copy_run(folder: Path) -> Path:
     return folder / "run"
 
 
-def run_demo(folder: str | Path, progress: Progress | None = None) -> DemoReport:
-    """Copy the run under ``folder``, extract at rank 1, apply at scale 1 and 1.5, score them all."""
+def extract_command(folder: Path, show: Callable[[Path], str] = str) -> str:
+    """The ``driftmerge extract`` the demo runs in ``folder``, its paths written by ``show``."""
+    run = folder / "run"
+    paths = [run / "base", *(run / f"checkpoint-{s}" for s in DEMO_STEPS)]
+    return shlex.join(["driftmerge", "extract", *map(show, paths), "-o", show(folder / ADAPTER)])
+
+
+def apply_command(
+    folder: Path, show: Callable[[Path], str] = str, *, scale: float = DEMO_SCALE, out: str = MODEL
+) -> str:
+    """The ``driftmerge apply`` the demo runs in ``folder`` (or one at another ``scale`` into ``folder/out``), its
+    paths written by ``show``."""
+    args = ["driftmerge", "apply", show(folder / ADAPTER), "--scale", f"{scale:g}", "-o", show(folder / out)]
+    return shlex.join(args)
+
+
+def run_demo(
+    folder: str | Path,
+    progress: Progress | None = None,
+    *,
+    overwrite: bool = False,
+    started: Callable[[], None] | None = None,
+) -> DemoReport:
+    """Copy the run into ``folder``, extract at rank 1, apply at scale 1 and 1.5, score them all.
+
+    ``folder`` is one atomic output (:func:`~driftmerge.io.outputs.atomic_output_dir`): it is built in a temporary
+    sibling and renamed into place when complete (replacing an existing one only with ``overwrite``), so a failure
+    or Ctrl-C leaves no folder, or the previous one. ``started()`` is called once that sibling could be made."""
+    target = Path(folder).absolute()
+    with atomic_output_dir(target, overwrite=overwrite) as tmp:
+        if started is not None:
+            started()
+        rep = _run(tmp, progress)
+        _relocate(tmp, target)
+    extracted = replace(rep.extracted, out_dir=target / ADAPTER, meta=read_meta(target / ADAPTER / "driftmerge.json"))
+    return replace(rep, folder=target, extracted=extracted, applied=replace(rep.applied, out_dir=target / MODEL))
+
+
+def _run(folder: Path, progress: Progress | None) -> DemoReport:
     from driftmerge.evaluation.addition import accuracy, held_out, max_new_tokens
     from driftmerge.io.models import load_causal_lm, load_tokenizer
 
-    folder = Path(folder)
     run = copy_run(folder)
     cfg = json.loads((run / "run.json").read_text())["config"]  # the recipe's ToyConfig, as recorded
     cks = [run / f"checkpoint-{s}" for s in DEMO_STEPS]
-    adapter = folder / "driftmerge-adapter"
-    cmd = "driftmerge extract run/base " + " ".join(f"run/checkpoint-{s}" for s in DEMO_STEPS)
+    adapter = folder / ADAPTER
+    opts = ExtractOptions(rank=1)
     extracted = extract(
-        run / "base", cks, out_dir=adapter, options=ExtractOptions(rank=1), progress=progress, command=cmd
+        run / "base", cks, out_dir=adapter, options=opts, progress=progress, command=extract_command(folder)
     )
     applied = apply_drift(
         adapter,
-        folder / "driftmerge-model",
+        folder / MODEL,
         options=ApplyOptions(scale=DEMO_SCALE),
         progress=progress,
-        command=f"driftmerge apply driftmerge-adapter --scale {DEMO_SCALE}",
+        command=apply_command(folder),
     )
-    at_one = apply_drift(adapter, folder / "model-scale-1", options=ApplyOptions(scale=1.0), progress=progress)
+    at_one = apply_drift(adapter, folder / AT_ONE, options=ApplyOptions(scale=1.0), progress=progress)
     problems = held_out(cfg["eval_size"], cfg["digits"], seed=cfg["seed"])
     tok = load_tokenizer(run / "base")
     models = {"base": run / "base", "last": cks[-1], "rank1": at_one.out_dir, "extrapolated": applied.out_dir}
@@ -72,3 +113,20 @@ def run_demo(folder: str | Path, progress: Progress | None = None) -> DemoReport
         for k, p in models.items()
     }
     return DemoReport(folder, extracted, applied, acc, len(problems))
+
+
+def _relocate(tmp: Path, target: Path) -> None:
+    """Make the paths the outputs record name ``target``, which ``tmp`` is about to become: driftmerge.json and
+    adapter_config.json name the base and checkpoints the adapter was fitted from (``apply`` and ``export-mergekit``
+    read them there), the cards and the recorded commands name the inputs. The demo reads and writes everything in
+    ``tmp``, so only its own absolute path (plain, and as JSON writes it) needs replacing."""
+    pairs = {str(tmp): str(target), json.dumps(str(tmp))[1:-1]: json.dumps(str(target))[1:-1]}
+    for output in (ADAPTER, MODEL, AT_ONE):
+        for path in sorted((tmp / output).iterdir()):
+            if path.suffix not in (".json", ".md"):
+                continue
+            text = new = path.read_text(encoding="utf-8")
+            for old, moved in pairs.items():
+                new = new.replace(old, moved)
+            if new != text:
+                path.write_text(new, encoding="utf-8")

@@ -20,7 +20,6 @@ Everything here but :func:`export_mergekit` (read the adapter, check, write one 
 
 from __future__ import annotations
 
-import math
 import shlex
 import textwrap
 from dataclasses import dataclass
@@ -30,14 +29,15 @@ from typing import Any
 import yaml
 
 from driftmerge import __version__
+from driftmerge.commands.options import ApplyOptions
 from driftmerge.core.devices import DTYPES
-from driftmerge.core.drift import scale_for_step, step_for_scale
+from driftmerge.core.drift import scale_and_step
 from driftmerge.errors import InputError, OutputError
 from driftmerge.hub.cards import extras_text
-from driftmerge.io.adapter import Adapter, read_adapter
+from driftmerge.io.adapter import Adapter
 from driftmerge.io.checkpoints import Checkpoint, check_compatible
 from driftmerge.io.outputs import check_output_file, write_text_atomic
-from driftmerge.io.sources import check_matches_base
+from driftmerge.io.sources import check_matches_base, open_adapter
 from driftmerge.schema import DriftMeta
 
 VIAS = ("checkpoints", "lora")
@@ -198,31 +198,28 @@ def export_mergekit(
     overwrite: bool = False,
     command: str | None = None,
 ) -> ExportResult:
-    """Read the adapter, check that mergekit will find what the config names, and write the config atomically."""
-    if (scale is None) == (step is None):
-        raise InputError("give exactly one of --scale or --step")
+    """Read the adapter (a folder or a Hub id, as ``apply`` does), check that mergekit will find what the config
+    names, and write the config atomically. ``scale`` / ``step``: ``apply``'s rules (:class:`ApplyOptions`) and map
+    (:func:`~driftmerge.core.drift.scale_and_step`)."""
+    target = ApplyOptions(scale=scale, step=step)  # exactly one of them, finite
     if via not in VIAS:
         raise InputError(f"--via must be one of {', '.join(VIAS)}, got {via!r}")
     if dtype != "auto" and dtype not in DTYPES:
         raise InputError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
     out_file = Path(out_file).absolute()
     check_output_file(out_file, overwrite)
-    adapter_path = Path(adapter_dir).absolute()
-    adapter = read_adapter(adapter_path)
+    folder, adapter = open_adapter(adapter_dir)
+    adapter_path = folder.absolute()
     meta = adapter.meta
-    if scale is None:
-        assert step is not None  # exactly one of the two, checked above
-        scale = scale_for_step(step, base_step=meta.base_step, s_ref=meta.s_ref)
-    if not math.isfinite(scale):
-        raise InputError(f"the scale must be a finite number, got {scale}")
-    step = step_for_scale(scale, base_step=meta.base_step, s_ref=meta.s_ref)
+    scale, step = scale_and_step(target.scale, target.step, base_step=meta.base_step, s_ref=meta.s_ref)
     if via == "checkpoints":
         checkpoint_weights(meta, scale)  # a pca fit fails here, before any folder is opened
     inputs = _check_inputs(adapter, via, Path(base).absolute() if base is not None else None)
     _check_not_inside(out_file, [adapter_path, *inputs])
     out_dtype = dtype if dtype != "auto" else (meta.storage_dtype or "float32")
     config = build_config(meta, scale, via=via, adapter_dir=str(adapter_path), base=str(inputs[0]), out_dtype=out_dtype)
-    comments = header(meta, str(adapter_path), scale=scale, step=step, via=via, config_file=out_file, command=command)
+    shown = str(adapter_path) if Path(adapter_dir).exists() else str(adapter_dir)  # a Hub id as given
+    comments = header(meta, shown, scale=scale, step=step, via=via, config_file=out_file, command=command)
     write_text_atomic(out_file, render_yaml(config, comments), overwrite=overwrite, what="the config")
     models = [(_display(m["model"]), m["parameters"]["weight"]) for m in config["models"]]
     return ExportResult(out_file, via, scale, step, models, fidelity_notes(meta, via), mergekit_command(out_file, via))

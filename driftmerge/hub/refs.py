@@ -144,6 +144,38 @@ def resolve_recorded(record: dict[str, Any], kind: str = "model") -> Resolved:
     return Resolved(r.path, r.ref, {**hub, "commit": r.hub["commit"] if r.hub else hub["commit"]})
 
 
+def cache_origin(folder: str | Path) -> dict[str, Any] | None:
+    """The Hub origin ``{"repo_id", "revision", "commit"}`` of a local folder that is a snapshot in a Hugging Face
+    cache (``CACHE/models--org--name/snapshots/COMMIT/``: the cache of ``HF_HUB_CACHE`` / ``HF_HOME``, or any other
+    one), else None. Offline: ``huggingface_hub.scan_cache_dir`` reads the cache's own layout (``refs/``,
+    ``snapshots/``). ``revision`` is None when ``main`` points at that commit, else a ref that does, else the commit.
+    """
+    from huggingface_hub.constants import REPO_ID_SEPARATOR
+
+    try:
+        path = Path(folder).resolve(strict=True)  # a link to the snapshot counts as the snapshot
+    except (OSError, RuntimeError):
+        return None
+    repo_dir = path.parent.parent
+    if path.parent.name != "snapshots" or not repo_dir.name.startswith(f"models{REPO_ID_SEPARATOR}"):
+        return None  # not laid out as a cached model snapshot: do not scan anything
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        cache = scan_cache_dir(repo_dir.parent)
+    except Exception:  # not a readable cache after all: the folder is then only a local folder
+        return None
+    for repo in cache.repos:
+        if repo.repo_type != "model" or repo.repo_path != repo_dir:
+            continue
+        for rev in repo.revisions:
+            if rev.snapshot_path == path:
+                refs = sorted(rev.refs)
+                revision = None if "main" in refs else refs[0] if refs else rev.commit_hash
+                return {"repo_id": repo.repo_id, "revision": revision, "commit": rev.commit_hash}
+    return None
+
+
 def _download(ref: HubRef, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -156,6 +188,7 @@ def _download(ref: HubRef, patterns: list[str]) -> Path:
     )
 
     login = "log in with `hf auth login` or set HF_TOKEN"
+    local = f"{ref}: no such local folder, and"  # it read as a Hub id only because no local path has its name
     try:
         return Path(
             snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns, ignore_patterns=_NESTED)
@@ -164,22 +197,21 @@ def _download(ref: HubRef, patterns: list[str]) -> Path:
         raise InputError(f"{ref}: a gated repo; accept its conditions on its Hub page, then {login}") from exc
     except RepositoryNotFoundError as exc:
         raise InputError(
-            f"{ref}: no such local folder, and no Hub repo {ref.repo_id} this token can see "
-            f"(check the name; for a private repo, {login})"
+            f"{local} no Hub repo {ref.repo_id} this token can see (check the name; for a private repo, {login})"
         ) from exc
     except RevisionNotFoundError as exc:
         raise InputError(f"{ref}: the Hub repo {ref.repo_id} has no revision {ref.revision!r}") from exc
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         raise InputError(
-            f"{ref}: not in the local Hugging Face cache, and the Hub is not reachable (HF_HUB_OFFLINE=1, or no "
-            "network); fetch it once online, or give a local folder"
+            f"{local} as a Hub repo it is not in the local Hugging Face cache, and the Hub is not reachable"
+            " (HF_HUB_OFFLINE=1, or no network); check the path, or fetch the repo once online"
         ) from exc
     except HfHubHTTPError as exc:
-        raise InputError(f"{ref}: the Hub answered {first_line(exc)}") from exc
+        raise InputError(f"{local} the Hub answered {first_line(exc)}") from exc
     except ValueError as exc:  # an argument huggingface_hub refuses (the repo id was checked before)
-        raise InputError(f"{ref}: the Hub client refused it ({first_line(exc)})") from exc
+        raise InputError(f"{local} the Hub client refused it ({first_line(exc)})") from exc
     except OSError as exc:  # connection refused, DNS, disk
-        raise InputError(f"{ref}: could not fetch it from the Hub ({first_line(exc)})") from exc
+        raise InputError(f"{local} it could not be fetched from the Hub ({first_line(exc)})") from exc
 
 
 def card_metadata(folder: Path) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""Atomic output folders: everything is written to a temporary sibling and renamed into place at the end.
+"""Atomic outputs: a folder (:func:`atomic_output_dir`) or a single file (:func:`atomic_output_file`) is written to a
+temporary sibling and renamed into place at the end; a failure (read-only folder, full disk, Ctrl-C) removes the
+sibling and ends in one :class:`OutputError` line.
 
 Temporary siblings are named ``.NAME.tmp-HOST-PID-XXXXXXXX`` (``.NAME.old-…`` for a replaced output while it is
 swapped out). A process killed outright (SIGKILL, power loss) cannot remove its own; the next run on the same host
@@ -7,6 +9,7 @@ writing to the same target removes those whose process no longer runs (siblings 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -51,17 +54,31 @@ def atomic_output_dir(target: str | Path, inputs: Sequence[Path] = (), *, overwr
         tmp = _sibling(target, "tmp")
         tmp.mkdir()
     except OSError as exc:
-        raise OutputError(f"{target}: cannot create the output folder ({exc.strerror})") from exc
+        raise OutputError(f"{target}: cannot create the output folder ({_why(exc)})") from exc
     try:
         yield tmp
         _swap_into_place(tmp, target)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise OutputError(f"{target}: cannot write the output ({why}); nothing was left behind") from exc
+        _discard(tmp)
+        raise OutputError(f"{target}: cannot write the output ({_why(exc)}); nothing was left behind") from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
+
+
+def _why(exc: OSError) -> str:
+    """What went wrong, for a one-line error: ``the disk is full``, ``Read-only file system``, …"""
+    return "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+
+
+def _discard(path: Path) -> None:
+    """Remove a temporary sibling (a folder or a file), whatever state it is in; never raise (a read-only folder
+    refuses even the removal of a file that was never created)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def _swap_into_place(tmp: Path, target: Path) -> None:
@@ -104,7 +121,7 @@ def remove_stale_siblings(target: Path) -> list[Path]:
     for path in target.parent.iterdir():
         m = pattern.fullmatch(path.name)
         if m and not _running(int(m.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
+            _discard(path)
             logger.warning("removed %s, left behind by an interrupted driftmerge run", path)
             removed.append(path)
     return removed
@@ -130,18 +147,34 @@ def check_output_file(target: Path, overwrite: bool) -> None:
         raise OutputError(f"{target}: already exists; pass --overwrite to replace it")
 
 
-def write_text_atomic(target: Path, text: str, *, overwrite: bool, what: str = "the file") -> None:
-    """Write ``text`` to a temporary sibling and rename it over ``target`` (never a half-written file)."""
+@contextmanager
+def atomic_output_file(target: str | Path, *, overwrite: bool = False, what: str = "the file") -> Iterator[Path]:
+    """Yield an empty temporary file next to ``target`` (created at once, so a folder that cannot be written fails
+    before any work); once the caller has written it and returns, it replaces ``target`` (``os.replace``: readers
+    see the old file or the new one, never part of one). On failure it vanishes, and an ``OSError`` (read-only
+    folder, full disk) becomes one :class:`OutputError` line."""
+    target = Path(target).absolute()
     check_output_file(target, overwrite)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = _sibling(target, "tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any new file
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        remove_stale_siblings(target)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for any new file
+    except OSError as exc:
+        _discard(tmp)
+        raise OutputError(f"{target}: cannot write {what} ({_why(exc)})") from exc
+    try:
+        yield tmp
         os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise OutputError(f"{target}: cannot write {what} ({exc.strerror or exc})") from exc
+    except OSError as exc:
+        _discard(tmp)
+        raise OutputError(f"{target}: cannot write {what} ({_why(exc)}); nothing was left behind") from exc
+    except BaseException:
+        _discard(tmp)
         raise
+
+
+def write_text_atomic(target: str | Path, text: str, *, overwrite: bool, what: str = "the file") -> None:
+    """Write ``text`` (UTF-8) to ``target`` through :func:`atomic_output_file` (never a half-written file)."""
+    with atomic_output_file(target, overwrite=overwrite, what=what) as tmp:
+        tmp.write_text(text, encoding="utf-8")

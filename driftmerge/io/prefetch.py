@@ -7,19 +7,32 @@ The thread runs ``load(item)`` for the items in order and hands results over thr
 items. A thread that ends without handing over every item is detected (a flag set in its ``finally``, and a
 liveness check every :attr:`Prefetcher.POLL_S` seconds of waiting) and raises ``RuntimeError`` in the consumer
 instead of leaving it waiting. Closing (or leaving the ``with`` block) stops the thread after its current item and
-joins it. All state the two threads share is guarded by one condition's lock.
+joins it; one still open as Python exits (a Ctrl-C between starting it and entering its ``with``, a generator left
+suspended) is closed then, since a daemon thread stopped inside torch code at finalization aborts the process
+(pytorch#38228). All state the two threads share is guarded by one condition's lock.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar, cast
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+
+_OPEN: weakref.WeakSet[Prefetcher] = weakref.WeakSet()  # started and not yet closed (a running thread holds its own)
+
+
+@atexit.register  # atexit runs before Python stops daemon threads
+def _close_open() -> None:
+    for reader in list(_OPEN):
+        reader.close()
 
 
 class Prefetcher(Generic[Item, Result]):
@@ -42,6 +55,7 @@ class Prefetcher(Generic[Item, Result]):
         self.waited = 0.0  # seconds the consumer spent waiting for reads
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="driftmerge-prefetch", daemon=True)
+        _OPEN.add(self)
         self._thread.start()
 
     def _run(self) -> None:
@@ -102,7 +116,9 @@ class Prefetcher(Generic[Item, Result]):
             self._stop = True
             self._ready.clear()
             self._cond.notify_all()
-        self._thread.join()
+        if self._thread.is_alive():  # not when a Ctrl-C came before it started: it would stop at once anyway
+            self._thread.join()
+        _OPEN.discard(self)
 
     def __enter__(self) -> Prefetcher[Item, Result]:
         return self
