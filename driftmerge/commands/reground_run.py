@@ -40,6 +40,7 @@ from typing import Any
 from driftmerge.core.reground import OPTIMIZER_STATE
 from driftmerge.core.trajectory import Fit
 from driftmerge.errors import InputError
+from driftmerge.io.outputs import write_text_atomic
 
 STATE = "reground.json"
 TRAINER_STATE, OPTIMIZER, SCHEDULER = "trainer_state.json", "optimizer.pt", "scheduler.pt"
@@ -111,7 +112,7 @@ def reground_run_dir(
         _write_window(start, {s: found[s] for s in steps}, window, how)
         state["windows"].append(vars(window))
         how.out.mkdir(parents=True, exist_ok=True)
-        (how.out / STATE).write_text(json.dumps(state, indent=2) + "\n")
+        write_text_atomic(how.out / STATE, json.dumps(state, indent=2) + "\n", overwrite=True, what="the loop's state")
         written.append(window)
 
 
