@@ -127,7 +127,7 @@ class _Part:
     factors: dict[str, Factor]
     moved: list[bool]  # per checkpoint: does it move any of these tensors?
     timing: tuple[int, int, float] = (0, 0, 0.0)  # tensors, bytes per input, seconds
-    slice_sq: dict[str, float] = field(default_factory=dict)  # "name[e]" -> ‖D_e‖² (stored expert stacks)
+    slice_sq: dict[str, float] = field(default_factory=dict)  # "path[e]" -> ‖D_e‖² (stored expert stacks)
 
 
 def _prepare(

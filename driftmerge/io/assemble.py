@@ -119,21 +119,27 @@ def assemble(
                 rec.rank, rec.energy = f.rank, f.energy
                 out_extras[name] = LowRankExtra(f.A, f.B, tuple(rec.shape))
             continue
-        if target is None or (target.kind == "experts" and target.path in modules):
-            pass
-        elif target.kind == "experts":
-            module = _stack(target, factors)
+        if target is not None and target.path not in modules:
+            module = _module(name, rec, target, factors)
             if module is not None:
                 modules[target.path] = module
-        elif rec.stored == "lora" and factors[name].rank > 0:
-            f = factors[name]
-            modules[target.path] = LoraModule(target.path, target.kind, f.A, f.B, nest=target.nest)
         if rec.stored == "lora":
             assert target is not None  # a lora record has its target
             rec.rank, rec.energy = _kept(name, rec, target, factors, slice_sq)
             if not rec.rank:
                 rec.stored, rec.rank, rec.energy = "zero", None, None  # module kept, as written since version 1
     return modules, out_extras
+
+
+def _module(name: str, rec: TensorRecord, target: Target, factors: dict[str, Factor]) -> LoraModule | None:
+    """The PEFT target ``target`` from the factors: a whole expert stack (once, whichever piece comes first), or
+    one tensor's LoRA factors (None for a rank-0 factor or a tensor without drift)."""
+    if target.kind == "experts":
+        return _stack(target, factors)
+    f = factors.get(name)
+    if rec.stored != "lora" or f is None or f.rank == 0:
+        return None
+    return LoraModule(target.path, target.kind, f.A, f.B, nest=target.nest)
 
 
 def _kept(

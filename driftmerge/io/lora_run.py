@@ -52,9 +52,9 @@ class LoraCheckpoint:
             raise InputError(f"{self.path}: a {self.config.get('peft_type')} adapter; driftmerge reads LoRA runs only")
         if self.config.get("use_dora"):
             raise InputError(f"{self.path}: a DoRA adapter (its update is not B A); driftmerge reads plain LoRA runs")
-        try:
-            with safe_open(str(self.path / ADAPTER_WEIGHTS), "pt") as f:
-                self.keys = [k.removeprefix(PEFT_PREFIX) for k in f.keys()]  # noqa: SIM118 (no __iter__)
+        try:  # one handle for every read (a memory map: the file is not read here)
+            self._file = safe_open(str(self.path / ADAPTER_WEIGHTS), "pt")
+            self.keys = [k.removeprefix(PEFT_PREFIX) for k in self._file.keys()]  # noqa: SIM118 (no __iter__)
         except Exception as exc:
             raise InputError(
                 f"{self.path / ADAPTER_WEIGHTS}: cannot read the adapter ({str(exc).splitlines()[0]}); copy it again"
@@ -81,8 +81,7 @@ class LoraCheckpoint:
         return (self.path / ADAPTER_WEIGHTS).stat().st_size
 
     def _read(self, key: str) -> torch.Tensor:
-        with safe_open(str(self.path / ADAPTER_WEIGHTS), "pt") as f:
-            return f.get_tensor(PEFT_PREFIX + key)
+        return self._file.get_tensor(PEFT_PREFIX + key)
 
     def update(self, module: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(s · B, A)`` float32 of one LoRA module: its update is ``s B A`` in PEFT's orientation."""

@@ -13,6 +13,7 @@ output rows" are not followed: those tensors go to the extras.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +40,14 @@ def from_skeleton(
     from transformers.pytorch_utils import Conv1D
 
     model = _skeleton(config, folder, trust_remote_code)
-    renamings, converters = _conversions(model)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules(remove_duplicate=False))
-    prefix = getattr(model, "base_model_prefix", "") or None
-    meta_sd = {k: True for k in params}
+    converters, rename = _conversions(model, params)
     arch = Architecture(source="config", task_type=_task_type(type(model).__name__), model_class=type(model).__name__)
     loaded: dict[str, str] = {}  # checkpoint key -> parameter name in the loaded model
     fused_leaves: set[str] = set()
     for name, shape in shapes.items():
-        new, pattern = _rename(name, renamings, converters, prefix, meta_sd)
+        new, pattern = rename(name)
         if new not in params:
             continue
         if pattern is not None:  # one slice of a fused parameter: never a tie
@@ -120,33 +119,29 @@ def _task_type(class_name: str) -> str | None:
     return None
 
 
-def _conversions(model: Any) -> tuple[list[Any], list[Any]]:
-    """transformers' renamings and converters for ``model`` (none before transformers 5)."""
+def _conversions(model: Any, params: dict[str, Any]) -> tuple[list[Any], Callable[[str], tuple[str, str | None]]]:
+    """transformers' converters for ``model`` and ``rename(key) -> (parameter name, converter pattern or None)``,
+    the way ``from_pretrained`` renames checkpoint keys. Before transformers 5 only the base-model prefix may
+    differ."""
+    prefix = getattr(model, "base_model_prefix", "") or None
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
-    except ImportError:  # transformers 4: checkpoint keys are the parameter names, up to the base-model prefix
-        return [], []
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4
+
+        def strip_or_add(key: str) -> tuple[str, str | None]:
+            if prefix and key not in params:
+                if f"{prefix}.{key}" in params:
+                    return f"{prefix}.{key}", None
+                if key.startswith(prefix + ".") and key[len(prefix) + 1 :] in params:
+                    return key[len(prefix) + 1 :], None
+            return key, None
+
+        return [], strip_or_add
     conv = get_model_conversion_mapping(model)
-    return [c for c in conv if isinstance(c, WeightRenaming)], [c for c in conv if isinstance(c, WeightConverter)]
-
-
-def _rename(
-    key: str, renamings: list[Any], converters: list[Any], prefix: str | None, meta_sd: dict[str, bool]
-) -> tuple[str, str | None]:
-    """The loaded parameter name of checkpoint ``key`` and the converter source pattern it matched (or None)."""
-    try:
-        from transformers.core_model_loading import rename_source_key
-    except ImportError:  # transformers 4: only the base-model prefix may differ
-        pass
-    else:
-        return rename_source_key(key, renamings, converters, prefix, meta_sd)
-    if prefix and key not in meta_sd:
-        if f"{prefix}.{key}" in meta_sd:
-            return f"{prefix}.{key}", None
-        if key.startswith(prefix + ".") and key[len(prefix) + 1 :] in meta_sd:
-            return key[len(prefix) + 1 :], None
-    return key, None
+    renamings = [c for c in conv if isinstance(c, WeightRenaming)]
+    converters = [c for c in conv if isinstance(c, WeightConverter)]
+    return converters, lambda key: rename_source_key(key, renamings, converters, prefix, params)
 
 
 def _leaf(pattern: str) -> str:
