@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from driftmerge.core.lowrank import matrix_seed, randomized_svd
-from driftmerge.core.trajectory import _dot, pooled_r2, pooled_sums
+from driftmerge.core.sums import dot, sq_norm
+from driftmerge.core.trajectory import pooled_r2, pooled_sums
 
 R2_THRESHOLD = 0.7  # the seed paper's bar for "linear"
 MIN_SAMPLE = 1000  # per-element R²: at least this many elements of each tensor (all of a smaller one)
@@ -95,7 +96,7 @@ def tensor_stats(
     gram = torch.zeros(n_ck, n_ck, dtype=torch.float64)  # (N, N) G_ij = ⟨D_i, D_j⟩
     for i in range(n_ck):
         for j in range(i + 1):
-            gram[i, j] = gram[j, i] = _dot(flat[i], flat[j])
+            gram[i, j] = gram[j, i] = dot(flat[i], flat[j])
     tt = torch.tensor([float(x) for x in t], dtype=torch.float64)  # (N,)
     ones = torch.ones(n_ck, dtype=torch.float64)
     norms = gram.diagonal().clamp_min(0).sqrt()
@@ -184,11 +185,11 @@ def energy_spectrum(matrix: torch.Tensor, k: int, *, seed: int) -> dict[int, flo
     """Share of ``‖M‖_F²`` in the top r singular values, for r = 1, 2, 4, … up to ``k`` (and ``k`` itself)."""
     m, n = matrix.shape
     k = min(k, m, n)
-    total = float(torch.linalg.vector_norm(matrix)) ** 2
+    total = sq_norm(matrix)
     if k + 8 >= min(m, n):
         sv = torch.linalg.svdvals(matrix.float())[:k]
     else:
-        _, sv, _, _ = randomized_svd(matrix[None].float(), k + 8, seeds=[seed], niter=2, track=k)
+        _, sv, _, _ = randomized_svd(matrix[None].float(), k + 8, seeds=[seed], track=k)
         sv = sv[0, :k]
     cum = torch.cumsum(sv.double().pow(2), 0) / total  # (k,)
     ranks = sorted({*(2**i for i in range(k.bit_length()) if 2**i <= k), k})

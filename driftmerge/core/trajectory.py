@@ -29,6 +29,8 @@ from typing import Literal, get_args
 
 import torch
 
+from driftmerge.core.sums import dot, sq_norm
+
 Fit = Literal["lsq", "pca", "endpoint"]
 FITS: tuple[Fit, ...] = get_args(Fit)
 
@@ -38,6 +40,7 @@ class TensorFit:
     drift: torch.Tensor  # float32, the tensor's shape: the fitted drift D at t_ref
     r2: float | None  # pooled linearity R², None when undefined
     delta_sq_norms: list[float]  # ‖D_i‖² per checkpoint (float64 sums)
+    drift_sq_norm: float  # ‖D‖², from the sums the fit already has where it can
 
 
 class LineAccumulator:
@@ -46,7 +49,7 @@ class LineAccumulator:
     Memory: one float32 buffer of the tensor's size (``Σ t_i D_i``, kept as ``Σ (t_i / t_1) D_i``), a second
     (``Σ D_i``) when R² is defined (two or more checkpoints), and all deltas for ``pca`` (the Gram trick needs
     every pair). The accumulator takes ownership of the deltas it is given and may update them in place.
-    Norms are float32 reductions (pairwise summation), read out as Python floats.
+    Norms and dot products are exact sums of short float32 runs (:mod:`driftmerge.core.sums`).
     """
 
     def __init__(self, t: Sequence[float], fit: str = "lsq"):
@@ -82,7 +85,7 @@ class LineAccumulator:
             self._sum_td.add_(delta, alpha=self.t[i] / self.t[0])
             if self._sum_d is not None:  # None with a single step: no intercept to fit
                 self._sum_d.add_(delta)
-        sq = _sq_norm(delta)
+        sq = sq_norm(delta)
         self._sq.append(sq)
         self._sum_sq += sq
         return sq
@@ -91,31 +94,35 @@ class LineAccumulator:
         if len(self._sq) != len(self.t):
             raise ValueError(f"got {len(self._sq)} deltas for {len(self.t)} steps")
         assert self._sum_td is not None
-        r2 = self._r2()  # before the lsq drift below rescales Σ (t_i / t_1) D_i in place
+        r2, td_sq = self._r2()  # before the lsq drift below rescales Σ (t_i / t_1) D_i in place
         t_ref = self.t[-1]
         if self.fit == "lsq":
             factor = self.t[0] * t_ref / sum(x * x for x in self.t)  # D = t_ref Σ t_i D_i / Σ t_i²
             drift = self._sum_td if factor == 1.0 else self._sum_td.mul_(factor)
+            drift_sq = self._sq[0] if len(self.t) == 1 else factor * factor * td_sq
         elif self.fit == "endpoint":
-            drift = self._kept[0]
+            drift, drift_sq = self._kept[0], self._sq[-1]
         else:
             drift = pca_drift(torch.stack(self._kept), self.t)
-        return TensorFit(drift=drift, r2=r2, delta_sq_norms=list(self._sq))
+            drift_sq = sq_norm(drift)
+        return TensorFit(drift=drift, r2=r2, delta_sq_norms=list(self._sq), drift_sq_norm=drift_sq)
 
-    def _r2(self) -> float | None:
+    def _r2(self) -> tuple[float | None, float]:
+        """Pooled R² and ‖Σ (t_i / t_1) D_i‖² (0.0 with one checkpoint: neither is needed then)."""
         if self._sum_d is None or self._sum_td is None:  # one checkpoint: two points
-            return None
+            return None, 0.0
         # two norms and a dot product, no temporaries of the tensor's size; Σ t_i D_i = t_1 · _sum_td
         td, d = self._sum_td.reshape(-1), self._sum_d.reshape(-1)
         t1 = self.t[0]
+        td_sq = sq_norm(td)
         sums = pooled_sums(
             self.t,
             sum_sq_norms=self._sum_sq,
-            sq_norm_sum=_sq_norm(d),
-            sq_norm_tsum=t1 * t1 * _sq_norm(td),
-            dot_tsum_sum=t1 * _dot(td, d),
+            sq_norm_sum=sq_norm(d),
+            sq_norm_tsum=t1 * t1 * td_sq,
+            dot_tsum_sum=t1 * dot(td, d),
         )
-        return pooled_r2(*sums)
+        return pooled_r2(*sums), td_sq
 
 
 def pooled_sums(
@@ -144,20 +151,6 @@ def pooled_sums(
 def pooled_r2(ss_tot: float, ss_res: float) -> float | None:
     """``R² = 1 - Σ SS_res / Σ SS_tot`` (:func:`pooled_sums`); None when nothing moves (or fewer than 3 points)."""
     return 1.0 - ss_res / ss_tot if ss_tot > 0 else None
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
-    """``⟨a, b⟩`` of 1-D float32 tensors: BLAS dots over chunks of ``chunk`` elements, summed in float64, so the
-    rounding of one long float32 accumulation never enters."""
-    return sum(float(torch.dot(a[i : i + chunk], b[i : i + chunk])) for i in range(0, a.numel(), chunk))
-
-
-def _sq_norm(x: torch.Tensor) -> float:
-    """``‖x‖²`` from a float32 reduction; float64 only when float32 overflows on finite values."""
-    sq = float(torch.linalg.vector_norm(x)) ** 2
-    if sq == float("inf") and bool(torch.isfinite(x).all()):
-        sq = float(torch.linalg.vector_norm(x, dtype=torch.float64)) ** 2
-    return sq
 
 
 def pca_drift(deltas: torch.Tensor, t: Sequence[float]) -> torch.Tensor:
