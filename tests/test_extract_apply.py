@@ -138,22 +138,29 @@ def test_same_inputs_and_seed_give_identical_bytes(runs, tmp_path):
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "c" / f).read_bytes(), f
 
 
-def test_memory_budget_and_grouping_do_not_change_a_byte(runs, tmp_path, monkeypatch, caplog):
+def test_memory_budget_and_workers_do_not_change_a_byte(runs, tmp_path, monkeypatch, caplog):
     run = runs["llama"]
     caplog.set_level(logging.INFO, logger="driftmerge")
-    # a big budget: one batch per shape; a 1-byte one: no read-ahead, and every matrix factorized on its own
+    # a big budget with two workers; a 1-byte one (no read-ahead, one matrix in flight at a time); one worker
     monkeypatch.setattr("driftmerge.commands.options.MIN_MEMORY", 1)
-    for name, budget in (("a", 8 << 30), ("b", 1)):
-        caplog.clear()
-        res = extract(
-            run.base, run.checkpoints, out_dir=tmp_path / name, options=ExtractOptions(rank=2, max_memory=budget)
-        )
-        assert res.meta.max_memory == budget
-        batches = int(re.search(r"in (\d+) batches", caplog.text).group(1))
-        shapes = {tuple(r.shape) for r in res.meta.tensors.values() if r.stored == "lora"}
-        assert batches == (len(shapes) if name == "a" else res.summary.lora_tensors)
-    for f in ("adapter_model.safetensors", "drift_extras.safetensors"):
-        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    threads = torch.get_num_threads()
+    try:
+        for name, budget, workers in (("a", 8 << 30, 2), ("b", 1, 2), ("c", 8 << 30, 1)):
+            torch.set_num_threads(workers)
+            caplog.clear()
+            res = extract(
+                run.base, run.checkpoints, out_dir=tmp_path / name, options=ExtractOptions(rank=2, max_memory=budget)
+            )
+            assert res.meta.max_memory == budget
+            assert f"({workers} at a time)" in caplog.text
+            assert torch.get_num_threads() == workers  # restored after the pass
+            batches = int(re.search(r"in (\d+) batches", caplog.text).group(1))
+            assert batches == res.summary.lora_tensors  # the CPU factorizes each matrix as it comes
+    finally:
+        torch.set_num_threads(threads)
+    for other in ("b", "c"):
+        for f in ("adapter_model.safetensors", "drift_extras.safetensors"):
+            assert (tmp_path / "a" / f).read_bytes() == (tmp_path / other / f).read_bytes(), (other, f)
 
 
 def test_include_exclude(runs, tmp_path):

@@ -23,7 +23,7 @@ import torch
 
 from driftmerge.commands.distributed import distributed
 from driftmerge.commands.options import ExtractOptions
-from driftmerge.core.devices import DTYPES, resolve_device, resolve_factor_dtype
+from driftmerge.core.devices import DTYPES, cpu_workers, resolve_device, resolve_factor_dtype
 from driftmerge.core.factored import FactoredFit, factor_product, fit_factored
 from driftmerge.core.factorizer import GroupFactorizer
 from driftmerge.core.lowrank import Factor
@@ -161,12 +161,12 @@ class _Store:
     """Where each fitted tensor's drift goes: LoRA factors (batched by the factorizer, or given), an expert
     stack, the extras (factored when large), or nowhere (no drift); one record per tensor."""
 
-    def __init__(self, job: _Job, opts: ExtractOptions, factor_budget: int) -> None:
+    def __init__(self, job: _Job, opts: ExtractOptions, factor_budget: int, *, workers: int = 1) -> None:
         self.job = job
         self.records: dict[str, TensorRecord] = {}
         self.extras: dict[str, torch.Tensor] = {}
         self.given: dict[str, Factor] = {}
-        self.factorizer = GroupFactorizer(opts, DTYPES[job.factor_dtype], factor_budget)
+        self.factorizer = GroupFactorizer(opts, DTYPES[job.factor_dtype], factor_budget, workers=workers)
         self.experts = ExpertQueue(self.factorizer)
         self.moved = [False] * len(job.inputs)
 
@@ -184,7 +184,7 @@ class _Store:
     def add(self, name: str, fit: TensorFit) -> None:
         """A dense drift: to the factorizer, an expert stack, or the extras."""
         facts, target = self._facts(name, fit.r2, fit.delta_sq_norms)
-        norm = float(torch.linalg.vector_norm(fit.drift))
+        norm = fit.drift_sq_norm**0.5
         if target is not None and target.kind == "experts":  # zero or not, an expert's matrix needs its pieces
             self.experts.add(fit.drift, target)
         if norm == 0.0:
@@ -192,10 +192,13 @@ class _Store:
         elif target is not None:
             self.records[name] = TensorRecord(**facts, drift_norm=norm, stored="lora")
             if target.kind != "experts":  # PEFT's B A is (out, in): the weight for Linear, its transpose otherwise
-                self.factorizer.add(name, fit.drift, transposed=target.kind in ("embedding", "conv1d"))
+                self.factorizer.add(
+                    name, fit.drift, transposed=target.kind in ("embedding", "conv1d"), sq_norm=fit.drift_sq_norm
+                )
         elif factor_extra(name, fit.drift):
             self.records[name] = TensorRecord(**facts, drift_norm=norm, stored="extras")
-            self.factorizer.add(name, fit.drift.reshape(-1, fit.drift.shape[-1]))  # (prod(shape[:-1]), shape[-1])
+            flat = fit.drift.reshape(-1, fit.drift.shape[-1])  # (prod(shape[:-1]), shape[-1])
+            self.factorizer.add(name, flat, sq_norm=fit.drift_sq_norm)
         else:
             self.records[name] = TensorRecord(**facts, drift_norm=norm, stored="extras", energy=1.0)
             self.extras[name] = fit.drift.cpu()
@@ -220,7 +223,10 @@ class _Store:
         t0 = time.perf_counter()
         factors = self.factorizer.finish() | self.given
         logger.info(
-            "factorization: %.2f s in all, %.2f s after the pass", self.factorizer.seconds, time.perf_counter() - t0
+            "factorization: %.2f s in all (%d at a time), %.2f s after the pass",
+            self.factorizer.seconds,
+            self.factorizer.workers,
+            time.perf_counter() - t0,
         )
         factors = {
             n: Factor(B=f.B.cpu(), A=f.A.cpu(), energy=f.energy, iterations=f.iterations) for n, f in factors.items()
@@ -236,21 +242,26 @@ def _fit_share(
         return _fit_share_lora(job, names, opts, device, progress)
     t = [s - opts.base_step for s in job.steps]
     read_ahead = min(opts.max_memory // 4, 1 << 30)
-    store = _Store(job, opts, opts.max_memory - read_ahead)
-    t_start, stats = time.perf_counter(), {"waited": 0.0}
-    sources = [job.base, *job.cks]
-    for done, (name, fit) in enumerate(_stream_fits(names, sources, t, opts.fit, device, read_ahead, stats), 1):
-        store.add(name, fit)
-        del fit
-        if progress:
-            progress(done, len(names), name)
-    logger.info(
-        "pass over %d tensors: %.2f s (%.2f s waiting for reads)",
-        len(names),
-        time.perf_counter() - t_start,
-        stats["waited"],
-    )
-    return store.part()
+    with cpu_workers(device) as workers:
+        store = _Store(job, opts, opts.max_memory - read_ahead, workers=workers)
+        try:
+            t_start, stats = time.perf_counter(), {"waited": 0.0}
+            sources = [job.base, *job.cks]
+            fits = _stream_fits(names, sources, t, opts.fit, device, read_ahead, stats)
+            for done, (name, fit) in enumerate(fits, 1):
+                store.add(name, fit)
+                del fit
+                if progress:
+                    progress(done, len(names), name)
+            logger.info(
+                "pass over %d tensors: %.2f s (%.2f s waiting for reads)",
+                len(names),
+                time.perf_counter() - t_start,
+                stats["waited"],
+            )
+            return store.part()
+        finally:
+            store.factorizer.close()
 
 
 def _fit_share_lora(

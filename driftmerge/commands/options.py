@@ -249,8 +249,14 @@ class ExtractOptions(OptionsModel):
     ] = None
     seed: Annotated[int, Flag("--seed", "Seed of the randomized factorization.")] = 0
     niter: Annotated[
-        int, Field(ge=0), Flag("--niter", "Power iterations of the randomized factorization.", hidden=True)
-    ] = 2
+        int,
+        Field(ge=0),
+        Flag(
+            "--niter",
+            "Power iterations of the randomized factorization, at least (more until it settles).",
+            hidden=True,
+        ),
+    ] = 1
     oversample: Annotated[
         int, Field(ge=0), Flag("--oversample", "Extra sketch columns of the randomized factorization.", hidden=True)
     ] = 8

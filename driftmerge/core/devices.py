@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from driftmerge.core.device_names import DEVICE_CHOICES, is_device
@@ -40,3 +43,19 @@ def _cpu_has_bf16() -> bool:
     except OSError:  # not Linux: stay with float32
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@contextmanager
+def cpu_workers(device: torch.device) -> Iterator[int]:
+    """How many matrices to factorize at once on ``device``: on the CPU, torch's thread count (one per core; 1
+    under torchrun, which gives each rank one), with torch's own ops set to one thread meanwhile (restored after),
+    so each worker keeps to its core; 1 elsewhere (a GPU runs a whole group as one batch)."""
+    workers = torch.get_num_threads() if device.type == "cpu" else 1
+    if workers <= 1:
+        yield 1
+        return
+    torch.set_num_threads(1)
+    try:
+        yield workers
+    finally:
+        torch.set_num_threads(workers)

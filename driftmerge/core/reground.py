@@ -38,6 +38,7 @@ import torch
 from driftmerge.core.drift import moved
 from driftmerge.core.factored import factor_product, fit_factored
 from driftmerge.core.lowrank import factorize, matrix_seed
+from driftmerge.core.sums import sq_norm
 from driftmerge.core.trajectory import LineAccumulator
 
 OPTIMIZER_STATE = ("keep", "reset")
@@ -146,7 +147,7 @@ class Regrounder:
         kept = total = 0.0
         if drift.dim() in (2, 3):  # extract's LoRA tensors, and MoE expert stacks one expert at a time
             mats = [drift] if drift.dim() == 2 else list(drift.unbind(0))  # (m, n) each
-            sqs = [float(m.pow(2).sum()) for m in mats]
+            sqs = [fit.drift_sq_norm] if drift.dim() == 2 else [sq_norm(m) for m in mats]  # as extract has them
             total = sum(sqs)
             if self.rank is not None and total > 0.0:
                 fs = factorize(
@@ -154,9 +155,8 @@ class Regrounder:
                     self.rank,
                     seeds=[matrix_seed(self.seed, n if len(mats) == 1 else f"{n}[{e}]") for e in range(len(mats))],
                     method="randomized",
-                    niter=2,
-                    oversample=8,
                     compute_dtype=self.factor_dtype,
+                    sq_norms=sqs,
                 )
                 low = [f.B @ f.A for f in fs]  # (m, n) each, the weight's own layout
                 drift = low[0] if drift.dim() == 2 else torch.stack(low)

@@ -17,6 +17,7 @@ import torch
 
 from driftmerge.core.factorizer import GroupFactorizer
 from driftmerge.core.lowrank import Factor
+from driftmerge.core.sums import sq_norm
 from driftmerge.io.adapter import Extra, LoraModule, LowRankExtra
 from driftmerge.io.targets import Target
 from driftmerge.schema import TensorRecord
@@ -52,8 +53,8 @@ class ExpertQueue:
         if target.expert is None:  # a stored (E, ·, ·) stack: one matrix per expert
             for e in range(drift.shape[0]):
                 part = drift[e].contiguous()  # (out, in), or (in, out) for a transposed stack
-                self.sq[f"{target.path}[{e}]"] = float(part.float().pow(2).sum())
-                self.factorizer.add(f"{target.path}[{e}]", part, transposed=target.transposed)
+                sq = self.sq[f"{target.path}[{e}]"] = sq_norm(part)
+                self.factorizer.add(f"{target.path}[{e}]", part, transposed=target.transposed, sq_norm=sq)
             return
         key = f"{target.path}[{target.expert}]"
         _, parts = self.pending.setdefault(key, (target, {}))
