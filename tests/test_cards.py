@@ -260,3 +260,18 @@ def test_push_a_model_with_base_model(runs, fake_hub, cli, tmp_path, tmp_path_fa
     assert check_card(card, tmp_path_factory)["base_model"] == BASE_ID and "scale: **1.5**" in card
     assert files["config.json"] == (tmp_path / "model" / "config.json").read_bytes()
     ModelCard(card).validate()
+
+
+def test_render_is_what_model_card_gives():
+    # render() writes the front matter with ModelCardData alone (the full Hub client costs a quarter second at
+    # start-up); huggingface_hub's ModelCard must read it and give the same text back
+    from huggingface_hub import ModelCard
+
+    from driftmerge.hub.cards import render
+
+    data = {"base_model": "org/base", "license": "apache-2.0", "library_name": "peft", "tags": ["driftmerge", "x"]}
+    text = render(data, "# Title\n\nBody with `code`.\n")
+    card = ModelCard(text)
+    assert str(card) == text
+    assert card.data.to_dict() == data
+    assert render({**data, "license": None}, "b").count("license") == 0

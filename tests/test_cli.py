@@ -166,3 +166,18 @@ def test_console_script_exit_code(tmp_path):
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_exits_quickly_with_the_commands_code_and_all_its_output(tmp_path):
+    # entry() ends the process with os._exit after the command (skipping Python's slow shutdown): its exit code,
+    # stdout written to a pipe and the one-line error must all still arrive
+    ok = subprocess.run([sys.executable, "-m", "driftmerge", "--version"], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip().startswith("driftmerge, version")
+    bad = subprocess.run(
+        [sys.executable, "-m", "driftmerge", "extract", str(tmp_path / "nope"), "x", "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 3 and bad.stderr.strip().count("\n") == 0 and "no such file" in bad.stderr
+    usage = subprocess.run([sys.executable, "-m", "driftmerge", "extract"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "Usage" in usage.stderr
