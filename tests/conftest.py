@@ -20,6 +20,14 @@ def _no_network() -> None:
         yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_architecture_cache() -> None:
+    """No test writes to the user's cache, and every test builds its skeleton (the cache has its own tests)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DRIFTMERGE_CACHE", "off")
+        yield
+
+
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
     """``cli("extract", …)`` runs the console script in-process: (exit code, stdout, stderr)."""

@@ -98,6 +98,55 @@ def test_mixtral_experts_map_to_rows_of_the_fused_stack(tmp_path):
     assert (router.kind, router.path) == ("param", "model.layers.0.mlp.gate.weight")
 
 
+@pytest.mark.parametrize("arch_name", ["mixtral", "gpt_neox"])
+def test_the_skeletons_answer_is_cached_and_read_back_the_same(tmp_path, monkeypatch, caplog, arch_name):
+    import logging
+
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    from driftmerge.io import arch_cache, skeleton
+
+    if arch_name == "mixtral":
+        cfg = MixtralConfig(
+            hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+            vocab_size=32, num_local_experts=3, num_experts_per_tok=2,
+        )  # fmt: skip
+        MixtralForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    else:
+        cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+        GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    shapes, config = _saved_shapes(tmp_path / "m"), cfg.to_dict()
+    monkeypatch.setenv("DRIFTMERGE_CACHE", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="driftmerge")
+    built = describe(config, shapes, folder=tmp_path / "m")
+    (entry,) = (tmp_path / "cache" / "architectures").glob("*.json")
+    calls = []
+    monkeypatch.setattr(skeleton, "from_skeleton", lambda *a, **k: calls.append(1))  # the cache must answer
+    assert describe(config, shapes, folder=tmp_path / "m") == built and not calls
+    assert "from the cache" in caplog.text
+    # another shape, another key: the skeleton runs again
+    assert arch_cache.cache_key(config, {**shapes, "extra.weight": (2, 2)}) != entry.stem
+    # a damaged entry is rebuilt, not an error; with the cache off nothing is read or written
+    entry.write_text("{not json")
+    monkeypatch.undo()
+    monkeypatch.setenv("DRIFTMERGE_CACHE", str(tmp_path / "cache"))
+    assert describe(config, shapes, folder=tmp_path / "m") == built
+    monkeypatch.setenv("DRIFTMERGE_CACHE", "off")
+    entry.unlink()
+    assert describe(config, shapes, folder=tmp_path / "m") == built and not entry.exists()
+
+
+def test_a_cache_that_cannot_be_written_is_passed_by(tmp_path, monkeypatch):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    GPTNeoXForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    (tmp_path / "file").write_text("a file where the cache folder should be")
+    monkeypatch.setenv("DRIFTMERGE_CACHE", str(tmp_path / "file"))
+    arch = describe(cfg.to_dict(), _saved_shapes(tmp_path / "m"), folder=tmp_path / "m")
+    assert arch.targets["embed_out.weight"].path == "lm_head"
+
+
 def _saved_shapes(folder) -> dict[str, tuple[int, ...]]:
     from safetensors import safe_open
 

@@ -13,7 +13,8 @@ For the common dense decoders (``DENSE_DECODERS``: every 2-D ``*.weight`` is an 
 embedding, module path = tensor name) the answer comes from the names and ``config.json`` alone, without importing
 transformers (seconds saved per run; tests check it against the skeleton). Every other model gets a skeleton built
 on the ``meta`` device with the Auto class its config names (:mod:`driftmerge.io.skeleton`), and checkpoint keys go
-through transformers' own renaming and expert-fusing tables. Guessing Linear layers from names happens only when
+through transformers' own renaming and expert-fusing tables; the answer is cached on disk for the next run
+(:mod:`driftmerge.io.arch_cache`). Guessing Linear layers from names happens only when
 asked (``--guess-modules``): a wrong guess must not silently become an adapter.
 """
 
@@ -79,10 +80,17 @@ def describe(
             f"the base is a custom-code model ({model_type}, auto_map in config.json); pass --trust-remote-code to "
             "build it with its own code (it runs that code), or --guess-modules to guess Linear layers from names"
         )
+    from driftmerge.io import arch_cache
+
+    cfg = config or {}
+    key = None if cfg.get("auto_map") else arch_cache.cache_key(cfg, shapes)  # custom code is never cached
+    cached = arch_cache.load(key) if key else None
+    if cached is not None:
+        return cached
     from driftmerge.io.skeleton import from_skeleton
 
     try:
-        return from_skeleton(config or {}, shapes, folder=folder, trust_remote_code=trust_remote_code)
+        arch = from_skeleton(cfg, shapes, folder=folder, trust_remote_code=trust_remote_code)
     except InputError:
         raise
     except Exception as exc:  # an architecture this transformers does not know
@@ -96,6 +104,9 @@ def describe(
             f"transformers cannot build a {model_type} model from config.json ({reason}); upgrade transformers, "
             "pass --trust-remote-code for custom-code models, or --guess-modules to guess Linear layers from names"
         ) from None
+    if key:
+        arch_cache.store(key, arch)
+    return arch
 
 
 def _from_names(shapes: dict[str, tuple[int, ...]]) -> Architecture:
