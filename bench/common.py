@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from safetensors.torch import save_file
 SIZES = {  # name: (hidden, intermediate, layers, vocab) — Llama-shaped, untied embeddings
     "0.1b": (768, 2048, 8, 32000),
     "0.4b": (1024, 4096, 20, 32000),
+    "0.4b-wide": (1536, 4096, 12, 32000),  # wider, fewer layers: 0.44 B
     "1b": (2048, 5632, 16, 32000),
     "7b": (4096, 11008, 32, 32000),
 }
@@ -155,12 +157,24 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
+def console_script(name: str = "driftmerge") -> str | None:
+    """The console script ``name`` installed beside this Python (not a shell shim such as pyenv's, whose own start-up
+    would be timed too), else the one on PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else shutil.which(name)
+
+
 def measure(cmd: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> Run:
-    """Run ``cmd`` to completion; its wall time and its own peak RSS (``wait4`` in a small wrapper process)."""
+    """Run ``cmd`` to completion; its wall time and its own peak RSS (``wait4`` in a small wrapper process).
+
+    ``PYTHONDONTWRITEBYTECODE`` is dropped from the environment, as on a user's machine: an editable install then
+    compiles its modules once and later runs read the cached bytecode (with it set, every run compiles them
+    again, 0.1 s of driftmerge's start-up here)."""
     t0 = time.perf_counter()
+    base_env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     proc = subprocess.run(
         [sys.executable, "-c", _PEAK_RSS_WRAPPER, *cmd],
-        env={**os.environ, **(env or {})},
+        env={**base_env, **(env or {})},
         cwd=cwd,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -1,6 +1,6 @@
 """driftmerge extract vs mergekit-extract-lora on the same Llama-shaped bf16 base + checkpoint, side by side.
 
-    python bench/compare_mergekit.py [--size 0.4b] [--pairs 3] [--mergekit PATH]
+    python bench/compare_mergekit.py [--size 0.4b 0.4b-wide] [--pairs 3] [--mergekit PATH] [--json out.json]
 
 mergekit is not a driftmerge dependency: install it where you like (``pip install mergekit``, a venv is kindest)
 and pass the path of its ``mergekit-extract-lora`` if it is not on PATH. The two tools run alternately on the
@@ -9,7 +9,9 @@ figures (``wait4``). Both factorize every 2-D weight at rank 1 (mergekit with ``
 are decomposed too, as driftmerge does; without it mergekit copies them whole instead).
 
 Agreement, per matrix, of the two rank-1 products ``P`` against the true delta ``D`` (checkpoint − base, float32):
-``|cos(P_driftmerge, P_mergekit)|`` and the kept energy ``‖P‖² / ‖D‖²`` of each.
+``|cos(P_driftmerge, P_mergekit)|`` and the kept energy ``‖P‖² / ‖D‖²`` of each. Each ``--size`` is measured in
+turn (one untimed driftmerge run first, so its bytecode is cached as on an installed machine); the JSON holds a list
+of one result per size.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from common import SIZES, build_run, gib, machine, measure, params, stats, warm
+from common import SIZES, build_run, console_script, gib, machine, measure, params, stats, warm
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -81,11 +83,11 @@ def agreement(base: Path, ckpt: Path, ours: Path, theirs: Path) -> dict[str, flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", choices=sorted(SIZES), default="0.4b")
+    ap.add_argument("--size", choices=sorted(SIZES), nargs="+", default=["0.4b", "0.4b-wide"])
     ap.add_argument("--pairs", type=int, default=3, help="alternating driftmerge/mergekit pairs")
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "driftmerge-bench")
     ap.add_argument("--mergekit", default=shutil.which("mergekit-extract-lora"), help="mergekit-extract-lora")
-    ap.add_argument("--driftmerge", default=shutil.which("driftmerge"), help="the driftmerge console script")
+    ap.add_argument("--driftmerge", default=console_script(), help="the driftmerge console script")
     ap.add_argument("--no-embed-lora", action="store_true", help="let mergekit copy embeddings whole")
     ap.add_argument("--extra", default="", help="extra driftmerge extract arguments, e.g. '--factor-dtype bfloat16'")
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -94,8 +96,26 @@ def main() -> None:
         sys.exit("mergekit-extract-lora not found: pip install mergekit (a venv is fine) and pass --mergekit PATH")
     if not args.driftmerge:
         sys.exit("the driftmerge console script is not on PATH: pip install -e .")
+    results = [compare(size, args) for size in args.size]
+    print(f"\n{machine()}, {date.today()}, {args.pairs} alternating pairs per size")
+    for r in results:
+        print(
+            f"{r['size']} ({r['params'] / 1e9:.2f} B parameters, bf16)\n"
+            f"  driftmerge   {stats(r['driftmerge_s'])} s, peak RSS {gib(r['driftmerge_peak_rss'])}\n"
+            f"  mergekit     {stats(r['mergekit_s'])} s, peak RSS {gib(r['mergekit_peak_rss'])}\n"
+            f"  speed-up     median {r['ratio_median']:.1f}, min {r['ratio_min']:.1f}, max {r['ratio_max']:.1f} x "
+            "(mergekit time / driftmerge time, per pair)\n"
+            f"  agreement    {r['matrices']} matrices: |cos| min {r['cos_min']:.6f}, "
+            f"median {r['cos_median']:.6f}; kept energy median {r['energy_driftmerge_median']:.4f} vs "
+            f"{r['energy_mergekit_median']:.4f}, largest gap {r['energy_gap_max']:.2e}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
 
-    base, (ckpt,) = build_run(args.root, args.size, 1)
+
+def compare(size: str, args: argparse.Namespace) -> dict:
+    """``args.pairs`` alternating runs of both tools on the ``size`` model, and their agreement."""
+    base, (ckpt,) = build_run(args.root, size, 1)
     warm([base, ckpt])
     work = args.root / "compare-out"
     work.mkdir(parents=True, exist_ok=True)
@@ -105,6 +125,8 @@ def main() -> None:
     mk_cmd += ["--max-rank", "1"] + ([] if args.no_embed_lora else ["--embed-lora"])
     env = {"HF_HUB_OFFLINE": "1"}  # mergekit's card step asks the Hub about local paths otherwise
 
+    shutil.rmtree(ours, ignore_errors=True)
+    measure(dm_cmd, env)  # untimed: bytecode cached, as after an install
     runs: dict[str, list] = {"driftmerge": [], "mergekit": []}
     for i in range(args.pairs):
         for tool, cmd, out in (("driftmerge", dm_cmd, ours), ("mergekit", mk_cmd, theirs)):
@@ -113,37 +135,26 @@ def main() -> None:
             if r.returncode != 0 or not (out / "adapter_model.safetensors").exists():
                 sys.exit(f"{tool} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
             runs[tool].append(r)
-            print(f"pair {i + 1}: {tool:10s} {r.wall_s:7.2f} s  peak RSS {gib(r.peak_rss_bytes)}", flush=True)
+            print(f"{size} pair {i + 1}: {tool:10s} {r.wall_s:7.2f} s  peak RSS {gib(r.peak_rss_bytes)}", flush=True)
 
     ratios = [m.wall_s / d.wall_s for d, m in zip(runs["driftmerge"], runs["mergekit"], strict=True)]
-    agree = agreement(base, ckpt, ours, theirs)
-    result = {
+    return {
         "date": date.today().isoformat(),
         "machine": machine(),
-        "size": args.size,
-        "params": params(args.size),
+        "size": size,
+        "params": params(size),
         "driftmerge_cmd": " ".join(dm_cmd),
         "mergekit_cmd": " ".join(mk_cmd),
         "driftmerge_s": [r.wall_s for r in runs["driftmerge"]],
         "mergekit_s": [r.wall_s for r in runs["mergekit"]],
+        "ratios": ratios,
         "ratio_median": statistics.median(ratios),
         "ratio_min": min(ratios),
         "ratio_max": max(ratios),
         "driftmerge_peak_rss": max(r.peak_rss_bytes for r in runs["driftmerge"]),
         "mergekit_peak_rss": max(r.peak_rss_bytes for r in runs["mergekit"]),
-        **agree,
+        **agreement(base, ckpt, ours, theirs),
     }
-    print(
-        f"\n{args.size} ({params(args.size) / 1e9:.2f} B parameters, bf16), {args.pairs} pairs, {machine()}\n"
-        f"  driftmerge   {stats(result['driftmerge_s'])} s, peak RSS {gib(result['driftmerge_peak_rss'])}\n"
-        f"  mergekit     {stats(result['mergekit_s'])} s, peak RSS {gib(result['mergekit_peak_rss'])}\n"
-        f"  speed-up     {stats(ratios)} x (mergekit time / driftmerge time, per pair)\n"
-        f"  agreement    {agree['matrices']} matrices: |cos| min {agree['cos_min']:.6f}, "
-        f"median {agree['cos_median']:.6f}; kept energy median {agree['energy_driftmerge_median']:.4f} vs "
-        f"{agree['energy_mergekit_median']:.4f}, largest gap {agree['energy_gap_max']:.2e}"
-    )
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

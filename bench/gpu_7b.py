@@ -25,7 +25,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from common import SIZES, build_run, machine, measure, params, warm
+from common import SIZES, build_run, console_script, machine, measure, params, warm
 from read_limit import READ_FLOOR
 from safetensors import safe_open
 
@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("no CUDA device here")
-    exe = shutil.which("driftmerge")
+    exe = console_script()
     card = torch.cuda.get_device_name()
     t0 = time.perf_counter()
     base, (ckpt,) = build_run(args.root, args.size, 1, device="cuda")

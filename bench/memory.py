@@ -20,7 +20,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from common import SIZES, build_run, gib, llama_shapes, machine, measure, params, warm
+from common import SIZES, build_run, console_script, gib, llama_shapes, machine, measure, params, warm
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "driftmerge-bench")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    exe = shutil.which("driftmerge")
+    exe = console_script()
     if not exe:
         sys.exit("the driftmerge console script is not on PATH: pip install -e .")
     sizes = args.sizes.split(",")

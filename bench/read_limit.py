@@ -5,7 +5,7 @@
 Each repeat runs, as separate processes on the same inputs: the read floor (``import torch``, then every byte of
 every weight file read once into a reused buffer) and ``driftmerge extract --rank 1``. With ``--cold`` the page
 cache is dropped before every process (needs root: ``/proc/sys/vm/drop_caches``), so both read from the disk;
-otherwise both read warm. Target (issue 3): extract ≤ 1.5 × the floor.
+otherwise both read warm. Target (issue 19): extract ≤ 1.6 × the floor, warm.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-from common import SIZES, build_run, gib, machine, measure, params, stats, warm
+from common import SIZES, build_run, console_script, gib, machine, measure, params, stats, warm
 
 READ_FLOOR = """
 import sys, torch
@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--extra", default="", help="extra driftmerge extract arguments, e.g. '--device cuda'")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
-    exe = shutil.which("driftmerge")
+    exe = console_script()
     if not exe:
         sys.exit("the driftmerge console script is not on PATH: pip install -e .")
     base, cks = build_run(args.root, args.size, args.checkpoints)
@@ -65,6 +65,8 @@ def main() -> None:
         warm([base, *cks])
     floor, ext = [], []
     cmd = [exe, "extract", str(base), *map(str, cks), "-o", str(out), "--rank", "1", *args.extra.split()]
+    shutil.rmtree(out, ignore_errors=True)
+    measure(cmd)  # untimed: bytecode cached, as after an install
     for i in range(args.repeats):
         if args.cold:
             drop_caches()
@@ -89,7 +91,7 @@ def main() -> None:
         f"{total / 1e9:.2f} GB of weights, {cache}, {machine()}\n"
         f"  read floor  {stats(floor)} s ({total / 1e9 / statistics.median(floor):.2f} GB/s incl. torch import)\n"
         f"  extract     {stats(ext)} s\n"
-        f"  ratio       {stats(ratios)} (target ≤ 1.5)"
+        f"  ratio       {stats(ratios)} (target ≤ 1.6)"
     )
     if args.json:
         args.json.write_text(

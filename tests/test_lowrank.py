@@ -171,3 +171,29 @@ def test_batched_path_freezes_each_matrix_at_its_own_iteration():
     # batched and single products round differently; on the planted matrix the top direction is well defined, so
     # the two rank-1 products agree closely (on white noise it is not, and only the energy is comparable)
     torch.testing.assert_close(batch[0].B @ batch[0].A, alone[0].B @ alone[0].A, rtol=1e-4, atol=1e-6)
+
+
+def test_factorizer_batched_and_per_matrix_paths_agree():
+    # the GPU's path (same-shape groups within the budget) run on the CPU against the CPU's (each matrix as it
+    # comes, on two workers): the same factors, and the groups hold what the budget allows
+    from types import SimpleNamespace
+
+    from driftmerge.core.factorizer import GroupFactorizer
+
+    opts = SimpleNamespace(rank=1, seed=0, svd="randomized", niter=1, oversample=8)
+    mats = {f"a{i}": real_looking(40, 24, i) for i in range(5)}
+    mats |= {f"b{i}": real_looking(24, 40, 9 + i) for i in range(3)}
+    mats["c"] = real_looking(30, 20, 20)
+    per_matrix = GroupFactorizer(opts, torch.float32, 1 << 30, workers=2)
+    grouped = GroupFactorizer(opts, torch.float32, 1 << 30, batched=True)
+    small_budget = GroupFactorizer(opts, torch.float32, 2 * 40 * 24 * 4, batched=True)  # two matrices' bytes
+    for name, m in mats.items():
+        for f in (per_matrix, grouped, small_budget):
+            f.add(name, m, transposed=name == "c")
+    results = [f.finish() for f in (per_matrix, grouped, small_budget)]
+    assert (per_matrix.batches, grouped.batches) == (len(mats), 3)  # one per matrix; one per shape
+    assert 3 < small_budget.batches < len(mats)
+    for name in mats:
+        for other in results[1:]:
+            assert torch.equal(results[0][name].B, other[name].B) and torch.equal(results[0][name].A, other[name].A)
+    assert results[0]["c"].B.shape == (20, 1)  # transposed: the factors of the matrix's transpose

@@ -161,12 +161,16 @@ class _Store:
     """Where each fitted tensor's drift goes: LoRA factors (batched by the factorizer, or given), an expert
     stack, the extras (factored when large), or nowhere (no drift); one record per tensor."""
 
-    def __init__(self, job: _Job, opts: ExtractOptions, factor_budget: int, *, workers: int = 1) -> None:
+    def __init__(
+        self, job: _Job, opts: ExtractOptions, factor_budget: int, *, workers: int = 1, batched: bool = False
+    ) -> None:
         self.job = job
         self.records: dict[str, TensorRecord] = {}
         self.extras: dict[str, torch.Tensor] = {}
         self.given: dict[str, Factor] = {}
-        self.factorizer = GroupFactorizer(opts, DTYPES[job.factor_dtype], factor_budget, workers=workers)
+        self.factorizer = GroupFactorizer(
+            opts, DTYPES[job.factor_dtype], factor_budget, workers=workers, batched=batched
+        )
         self.experts = ExpertQueue(self.factorizer)
         self.moved = [False] * len(job.inputs)
 
@@ -220,14 +224,10 @@ class _Store:
 
     def part(self) -> _Part:
         self.experts.finish()
-        t0 = time.perf_counter()
-        factors = self.factorizer.finish() | self.given
-        logger.info(
-            "factorization: %.2f s in all (%d at a time), %.2f s after the pass",
-            self.factorizer.seconds,
-            self.factorizer.workers,
-            time.perf_counter() - t0,
-        )
+        t0, fz = time.perf_counter(), self.factorizer
+        factors = fz.finish() | self.given
+        after = time.perf_counter() - t0
+        logger.info("factorization: %.2f s in all (%d at a time), %.2f s after the pass", fz.seconds, fz.workers, after)
         factors = {
             n: Factor(B=f.B.cpu(), A=f.A.cpu(), energy=f.energy, iterations=f.iterations) for n, f in factors.items()
         }
@@ -243,7 +243,7 @@ def _fit_share(
     t = [s - opts.base_step for s in job.steps]
     read_ahead = min(opts.max_memory // 4, 1 << 30)
     with cpu_workers(device) as workers:
-        store = _Store(job, opts, opts.max_memory - read_ahead, workers=workers)
+        store = _Store(job, opts, opts.max_memory - read_ahead, workers=workers, batched=device.type != "cpu")
         try:
             t_start, stats = time.perf_counter(), {"waited": 0.0}
             sources = [job.base, *job.cks]

@@ -19,22 +19,26 @@ logger = logging.getLogger("driftmerge")
 class GroupFactorizer:
     """Factorize drift matrices as they come, within a memory budget.
 
-    On a GPU, matrices are collected by shape and each shape's group goes as one batch as soon as it holds
-    ``BATCH_BYTES`` (so factorization overlaps the reads still running on the reader thread), and every group goes
-    when all pending matrices reach ``max_bytes`` (the memory budget). On the CPU, where a batch runs one matrix at
-    a time anyway, each matrix goes as it comes: with ``workers`` > 1 as one job on that many threads, each op
-    single-threaded (the caller sets torch's threads to 1: :func:`driftmerge.core.devices.cpu_workers`), so two
-    cores factorize two matrices at once (faster than one matrix on two threads, and a single-threaded result is
-    the same whichever worker computes it). Jobs not yet done count against ``IN_FLIGHT_BYTES`` per worker (at
-    least one job each) and ``max_bytes``: :meth:`add` waits for the oldest when they would pass either.
-    Every matrix draws its own seed from its name and the factorization of one matrix never depends on which
-    others share its batch, so the budget and the workers change only speed and memory, never the result.
+    With ``batched`` (a GPU), matrices are collected by shape and each shape's group goes as one batch as soon as
+    it holds ``BATCH_BYTES`` (so factorization overlaps the reads still running on the reader thread), and every
+    group goes when all pending matrices reach ``max_bytes`` (the memory budget). Otherwise (the CPU, where a batch
+    runs one matrix at a time anyway) each matrix goes as it comes: with ``workers`` > 1 as one job on that many
+    threads, each op single-threaded (the caller sets torch's threads to 1:
+    :func:`driftmerge.core.devices.cpu_workers`), so two cores factorize two matrices at once (faster than one
+    matrix on two threads, and a single-threaded result is the same whichever worker computes it). Jobs not yet
+    done count against ``IN_FLIGHT_BYTES`` per worker (at least one job each) and ``max_bytes``: :meth:`add` waits
+    for the oldest when they would pass either. Every matrix draws its own seed from its name and the
+    factorization of one matrix never depends on which others share its batch, so the budget and the workers
+    change only speed and memory, never the result.
     """
 
     BATCH_BYTES = 64 << 20
     IN_FLIGHT_BYTES = 64 << 20  # per worker: enough to keep it busy while the main thread forms the next drift
 
-    def __init__(self, opts: Any, compute_dtype: torch.dtype, max_bytes: int, *, workers: int = 1):
+    def __init__(
+        self, opts: Any, compute_dtype: torch.dtype, max_bytes: int, *, workers: int = 1, batched: bool = False
+    ):
+        self.batched = batched
         self.opts, self.compute_dtype, self.max_bytes = opts, compute_dtype, max_bytes
         self.pending: dict[tuple[int, int], list[tuple[str, torch.Tensor, float | None]]] = {}
         self.group_bytes: dict[tuple[int, int], int] = {}
@@ -52,7 +56,7 @@ class GroupFactorizer:
         ``sq_norm``: its ``‖M‖_F²`` when known (:func:`driftmerge.core.sums.sq_norm`), computed otherwise."""
         if transposed:
             self.transposed.add(name)
-        if matrix.device.type == "cpu":
+        if not self.batched:
             self._send([(name, matrix, sq_norm)])
             return
         shape = (matrix.shape[0], matrix.shape[1])
