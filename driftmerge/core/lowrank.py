@@ -75,10 +75,13 @@ def _gram_eig(small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return lam.flip(-1).clamp_min(0), u.flip(-1)
 
 
-def _small_svd(small: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _small_svd(
+    small: torch.Tensor, eig: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``U (b, k, k)``, ``σ (b, k)``, ``Vh (b, k, n)`` (float32) of sketches ``S`` ``(b, k, n)``:
-    ``S Sᵀ = U Σ² Uᵀ`` and ``Vh = Σ⁻¹ Uᵀ S`` (a row of σ = 0 stays 0)."""
-    sq, u = _gram_eig(small)
+    ``S Sᵀ = U Σ² Uᵀ`` and ``Vh = Σ⁻¹ Uᵀ S`` (a row of σ = 0 stays 0); ``eig``: :func:`_gram_eig` of ``S`` when
+    already computed."""
+    sq, u = eig if eig is not None else _gram_eig(small)
     sigma = sq.sqrt()  # (b, k)
     vh = (u.transpose(1, 2) @ small.double()) / torch.where(sigma > 0, sigma, 1.0)[..., None]  # (b, k, n)
     return u.float(), sigma.float(), vh.float()
@@ -96,14 +99,15 @@ def _m_x(mats: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
 def _qt_m(qt: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
     """``Qᵀ M`` for ``qt (b, k, m)``, ``mats (b, m, n)`` → ``(b, k, n)``.
 
-    A batch of one runs as the sum of ``QT_BLOCKS`` row blocks' products ``Q_pᵀ M_p`` (one ``bmm``): CPU BLAS is
-    ~1.6× faster at that than at one long-reduction ``mm`` for a skinny ``Q``. The blocks depend on ``m`` alone, so a
-    matrix's result still never depends on its batch.
+    A batch of one on several threads runs as the sum of ``QT_BLOCKS`` row blocks' products ``Q_pᵀ M_p`` (one
+    ``bmm``): CPU BLAS is ~1.6× faster at that than at one long-reduction ``mm`` for a skinny ``Q`` on 2 threads
+    (single-threaded, as extract's workers run, the two are even and the plain ``mm`` is fewer ops). The blocks
+    depend on ``m`` alone, so a matrix's result still never depends on its batch.
     """
     b, m, n = mats.shape
     if b > 1:
         return qt @ mats
-    p = next((p for p in (QT_BLOCKS, 2) if m % p == 0), 1)
+    p = next((p for p in (QT_BLOCKS, 2) if m % p == 0), 1) if torch.get_num_threads() > 1 else 1
     if p == 1:
         return torch.mm(qt[0], mats[0])[None]
     k = qt.shape[1]
@@ -170,13 +174,21 @@ def randomized_svd(
     prev: torch.Tensor | None = None  # estimates of the last Qᵀ M
     half: torch.Tensor | None = None  # estimates of the M Z after it
     best: torch.Tensor | None = None
+    best_eig: tuple[torch.Tensor, torch.Tensor] | None = None
     for it in range(niter + max_extra + 1):
         full = it >= niter - 1  # from here on the estimates are compared or reported: the input's precision
         small = _qt_m(q.transpose(1, 2).to(mats.dtype if full else dt), mats if full else low)  # (b, k, n) Qᵀ M
         if full:
-            sq = _gram_eig(small)[0][:, :track]  # (b, track) squared Ritz values, float64
+            eig = _gram_eig(small)
+            sq = eig[0][:, :track]  # (b, track) squared Ritz values, float64
             if it >= niter:
-                best = small if best is None else torch.where(active[:, None, None], small, best)
+                keep = active[:, None, None]
+                best = small if best is None else torch.where(keep, small, best)
+                best_eig = (
+                    eig
+                    if best_eig is None
+                    else (torch.where(keep[..., 0], eig[0], best_eig[0]), torch.where(keep, eig[1], best_eig[1]))
+                )
                 if prev is not None and half is not None:
                     active &= still_rising((prev, half, sq)) > tol * totals
                 if it == niter + max_extra or not bool(active.any()):
@@ -190,7 +202,7 @@ def randomized_svd(
         q = torch.where(active[:, None, None], _orth(y), q)
     del low
     assert best is not None
-    u_small, s, vh = _small_svd(best)  # (b,k,k), (b,k), (b,k,n)
+    u_small, s, vh = _small_svd(best, best_eig)  # (b,k,k), (b,k), (b,k,n)
     return q @ u_small, s, vh, iters.tolist()
 
 
