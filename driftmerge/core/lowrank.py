@@ -99,15 +99,15 @@ def _m_x(mats: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
 def _qt_m(qt: torch.Tensor, mats: torch.Tensor) -> torch.Tensor:
     """``Qᵀ M`` for ``qt (b, k, m)``, ``mats (b, m, n)`` → ``(b, k, n)``.
 
-    A batch of one on several threads runs as the sum of ``QT_BLOCKS`` row blocks' products ``Q_pᵀ M_p`` (one
-    ``bmm``): CPU BLAS is ~1.6× faster at that than at one long-reduction ``mm`` for a skinny ``Q`` on 2 threads
-    (single-threaded, as extract's workers run, the two are even and the plain ``mm`` is fewer ops). The blocks
-    depend on ``m`` alone, so a matrix's result still never depends on its batch.
+    A batch of one runs as the sum of ``QT_BLOCKS`` row blocks' products ``Q_pᵀ M_p`` (one ``bmm``): CPU BLAS is
+    ~1.6× faster at that than at one long-reduction ``mm`` for a skinny ``Q`` on 2 threads, and even on one. The
+    blocks depend on ``m`` alone, never on the thread count, so a matrix's result is the same in extract's
+    single-threaded workers and in a training process (the re-grounding callback) and never depends on its batch.
     """
     b, m, n = mats.shape
     if b > 1:
         return qt @ mats
-    p = next((p for p in (QT_BLOCKS, 2) if m % p == 0), 1) if torch.get_num_threads() > 1 else 1
+    p = next((p for p in (QT_BLOCKS, 2) if m % p == 0), 1)
     if p == 1:
         return torch.mm(qt[0], mats[0])[None]
     k = qt.shape[1]
