@@ -11,6 +11,7 @@
 #   --mode sft   the control experiment: the RL stage replaced by continued supervised training on the same
 #                prompts with their correct answers (same start, same steps, same checkpoints)
 #   --seed N     seeds the model, the data and the sampling: the same seed gives the same run
+#   --kl-coef B  GRPO's KL penalty against the supervised start (TRL's beta; default 0: none)
 #
 # Then, for example:
 #   driftmerge extract toy-run/base --run-dir toy-run -o toy-drift
@@ -30,10 +31,11 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="the CI / demo setting (about 40 s on 2 cores)")
     ap.add_argument("--mode", choices=["rl", "sft"], default="rl", help="rl: GRPO; sft: the supervised control")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kl-coef", type=float, default=0.0, help="GRPO's KL penalty against the start (TRL's beta)")
     ap.add_argument("-o", "--output", default="toy-run", help="run folder: base/, checkpoint-<step>/, run.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cfg = config_for(args.small, args.seed)
+    cfg = config_for(args.small, args.seed, kl_coef=args.kl_coef)
     print("config:", dataclasses.asdict(cfg), flush=True)
     record = run(args.output, cfg, args.mode, log=lambda s: print(s, flush=True))
     print(f"wrote {args.output}: base/ and {len(record['evals']) - 1} checkpoints in {record['seconds']:.0f} s")

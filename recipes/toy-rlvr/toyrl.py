@@ -8,7 +8,9 @@ Stages (all seeded, CPU, no downloads):
 3. ``rl``: GRPO — per step, ``group`` completions for each of ``batch`` prompts sampled at temperature 1, reward
    1 if the completion's number is the sum else 0, advantage ``A = (r - mean_group) / (std_group + 1e-4)``, loss
    ``-Σ_i A_i Σ_t log π(y_it) / (batch · group · max_new_tokens)`` (Dr. GRPO's constant normalizer, one update per
-   batch so the PPO ratio is 1, no KL term), Adam; or ``sft``: the control — continued supervised training on the
+   batch so the PPO ratio is 1), plus ``kl_coef · Σ_i Σ_t k3_it / (batch · group · max_new_tokens)`` against the
+   supervised start (GRPO's estimator, as TRL's ``beta``: ``k3 = exp(r) - r - 1`` with ``r = log π_ref - log π``;
+   ``kl_coef`` 0, the default, leaves it out), Adam; or ``sft``: the control — continued supervised training on the
    same prompts with the correct answers;
 4. a Hugging Face checkpoint ``checkpoint-<step>/`` every ``save_every`` steps, and ``run.json`` with the reward
    per step and the held-out accuracy per checkpoint.
@@ -42,6 +44,7 @@ class ToyConfig:
     sft_target: float = 0.35  # stop supervised training at this held-out greedy accuracy
     rl_lr: float = 3e-4
     rl_steps: int = 200
+    kl_coef: float = 0.0  # GRPO's KL penalty against the supervised start (TRL's beta); 0: none
     batch: int = 32  # prompts per RL step
     group: int = 8  # completions per prompt
     save_every: int = 25
@@ -108,8 +111,11 @@ def sft_step(model: Any, tok: Any, opt: torch.optim.Optimizer, pairs: list[tuple
     return float(loss.detach())
 
 
-def grpo_step(model: Any, tok: Any, opt: torch.optim.Optimizer, pairs: list[tuple[str, str]], cfg: ToyConfig) -> float:
-    """One GRPO update; returns the batch's mean reward."""
+def grpo_step(
+    model: Any, tok: Any, opt: torch.optim.Optimizer, pairs: list[tuple[str, str]], cfg: ToyConfig, ref: Any = None
+) -> tuple[float, float]:
+    """One GRPO update; returns the batch's mean reward and the mean per-token KL estimate against ``ref`` (the
+    frozen supervised start, used when ``cfg.kl_coef`` > 0; else 0.0)."""
     model.eval()
     prompts = [p for p, _ in pairs]
     comps = sample(model, tok, prompts=prompts, n=cfg.group, greedy=False, max_new_tokens=cfg.max_new_tokens)
@@ -117,15 +123,29 @@ def grpo_step(model: Any, tok: Any, opt: torch.optim.Optimizer, pairs: list[tupl
     adv = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)  # (B, G)
     model.train()
     ids, mask, lab = _teacher_batch(tok, [(p, c) for p, cs in zip(prompts, comps, strict=True) for c in cs])
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B·G, L-1, V)
     target = lab[:, 1:]
-    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]  # (B·G, L-1)
-    seq_logp = (logp * (target != -100)).sum(1)  # (B·G,)
-    loss = -(adv.flatten() * seq_logp).sum() / (len(pairs) * cfg.group * cfg.max_new_tokens)
+    answer = target != -100  # (B·G, L-1) the completion's tokens
+    logp = _token_logp(model, ids, mask, target)  # (B·G, L-1)
+    norm = len(pairs) * cfg.group * cfg.max_new_tokens
+    loss = -(adv.flatten() * (logp * answer).sum(1)).sum() / norm
+    kl = 0.0
+    if cfg.kl_coef > 0 and ref is not None:
+        with torch.no_grad():
+            ref_logp = _token_logp(ref, ids, mask, target)  # (B·G, L-1)
+        r = ref_logp - logp
+        k3 = (torch.exp(r) - r - 1) * answer  # (B·G, L-1) ≥ 0, zero (with zero gradient) where π = π_ref
+        loss = loss + cfg.kl_coef * k3.sum() / norm
+        kl = float(k3.sum() / answer.sum().clamp_min(1))
     opt.zero_grad()
     loss.backward()
     opt.step()
-    return float(rewards.mean())
+    return float(rewards.mean()), kl
+
+
+def _token_logp(model: Any, ids: torch.Tensor, mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``log π(target_t | ids_<t)`` per position ``(N, L-1)`` (0 where ``target`` is -100)."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (N, L-1, V)
+    return torch.log_softmax(logits, -1).gather(-1, target.clamp_min(0)[..., None])[..., 0]
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------------
@@ -165,11 +185,14 @@ def run(
     rng = random.Random(1_000 + cfg.seed)
     torch.manual_seed(2_000 + cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.rl_lr)
-    train_reward, evals = [], [{"step": 0, "accuracy": info["sft_accuracy"]}]
+    ref = _frozen(model) if mode == "rl" and cfg.kl_coef > 0 else None
+    train_reward, train_kl, evals = [], [], [{"step": 0, "accuracy": info["sft_accuracy"]}]
     for step in range(1, cfg.rl_steps + 1):
         pairs = problems(cfg.batch, cfg.digits, rng=rng)
         if mode == "rl":
-            train_reward.append(grpo_step(model, tok, opt, pairs, cfg))
+            r, kl = grpo_step(model, tok, opt, pairs, cfg, ref)
+            train_reward.append(r)
+            train_kl.append(kl)
         else:
             model.train()
             sft_step(model, tok, opt, pairs)
@@ -184,11 +207,21 @@ def run(
         "mode": mode,
         "sft_steps": info["sft_steps"],
         "train_reward": train_reward,
+        "train_kl": train_kl,
         "evals": evals,
         "seconds": time.perf_counter() - t0,
     }
     (out / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+def _frozen(model: Any) -> Any:
+    """A copy of ``model`` that takes no gradients: GRPO's reference policy."""
+    import copy
+
+    ref = copy.deepcopy(model).eval()
+    ref.requires_grad_(False)
+    return ref
 
 
 def config_for(small: bool, seed: int, **overrides: Any) -> ToyConfig:
@@ -226,6 +259,7 @@ def steps_to_threshold(
     rng = random.Random(1_000 + cfg.seed)
     torch.manual_seed(2_000 + cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.rl_lr)
+    ref = _frozen(model) if cfg.kl_coef > 0 else None
     params = dict(model.named_parameters())
     regrounder = None
     if reground:
@@ -233,7 +267,7 @@ def steps_to_threshold(
         regrounder.start(0)
     curve: list[tuple[int, float]] = []
     for step in range(1, max_steps + 1):
-        grpo_step(model, tok, opt, problems(cfg.batch, cfg.digits, rng=rng), cfg)
+        grpo_step(model, tok, opt, problems(cfg.batch, cfg.digits, rng=rng), cfg, ref)
         if regrounder is not None and regrounder.step(step) is not None and optimizer == "reset":
             reset_moments(opt, list(params.values()))
         if step % check_every == 0:
