@@ -135,7 +135,7 @@ def grpo_step(
         r = ref_logp - logp
         k3 = (torch.exp(r) - r - 1) * answer  # (B·G, L-1) ≥ 0, zero (with zero gradient) where π = π_ref
         loss = loss + cfg.kl_coef * k3.sum() / norm
-        kl = float(k3.sum() / answer.sum().clamp_min(1))
+        kl = float(k3.detach().sum() / answer.sum().clamp_min(1))
     opt.zero_grad()
     loss.backward()
     opt.step()
