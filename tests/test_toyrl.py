@@ -52,7 +52,9 @@ def test_grpo_kl_penalty_is_zero_at_the_start_and_grows_away_from_it():
         c = copy.deepcopy(away)
         torch.manual_seed(2)
         _, kl = grpo_step(c, tok, torch.optim.SGD(c.parameters(), lr=0.01), pairs, replace(cfg, kl_coef=coef), ref)
-        dist[coef] = sum(float((x - y).pow(2).sum()) for x, y in zip(c.parameters(), ref.parameters(), strict=True))
+        dist[coef] = sum(
+            float((x.detach() - y).pow(2).sum()) for x, y in zip(c.parameters(), ref.parameters(), strict=True)
+        )
         assert (kl > 0.0) == (coef > 0)
     assert dist[2.0] < dist[0.0]
 
