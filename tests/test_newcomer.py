@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -77,16 +78,31 @@ def test_ctrl_c_while_working_exits_130_with_one_line(command, runs, tmp_path):
     args = [sys.executable, "-m", "driftmerge", command, run.base, *run.checkpoints, "-o", out]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     weights = str(run.base / "model.safetensors")
+    _interrupt_when(proc, lambda: _opened(proc.pid, weights), "read the weights", poll=0.002)
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+def _interrupt_when(
+    proc: subprocess.Popen,
+    ready: Callable[[], bool],
+    what: str,
+    *,
+    poll: float,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """SIGINT to ``proc`` once ``ready()`` (after ``check()``, which may assert on that moment); it must end with
+    exit code 130 and the one interrupted line."""
     deadline = time.monotonic() + 120
-    while not _opened(proc.pid, weights):
+    while not ready():
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the child never read the weights"
-        time.sleep(0.002)
+        assert time.monotonic() < deadline, f"the child never {what}"
+        time.sleep(poll)
+    if check is not None:
+        check()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode in SHELL_130, err
     assert _one_line(err) == INTERRUPTED
-    assert not out.exists() and not leftovers(tmp_path)
 
 
 _HANGS_MID_WRITE = """
@@ -113,16 +129,11 @@ def test_ctrl_c_mid_write_removes_the_temporary_folder(adapter, tmp_path):
     args = ["apply", adapter, "--scale", "1.5", "-o", out, "--max-shard-size", "20KB"]
     code = [sys.executable, "-c", _HANGS_MID_WRITE, ready, *args]
     proc = subprocess.Popen(list(map(str, code)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not ready.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "the child never reached the write"
-        time.sleep(0.02)
-    assert leftovers(tmp_path)  # the shard is in the temporary sibling
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode in SHELL_130, err
-    assert _one_line(err) == INTERRUPTED
+
+    def shard_in_temporary_sibling() -> None:
+        assert leftovers(tmp_path)
+
+    _interrupt_when(proc, ready.exists, "reached the write", poll=0.02, check=shard_in_temporary_sibling)
     assert not out.exists() and not leftovers(tmp_path)
 
 

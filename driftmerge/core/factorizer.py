@@ -111,7 +111,6 @@ class GroupFactorizer:
                 self._running_bytes += size
             return
         names, mats, sqs = [n for n, _, _ in group], [m for _, m, _ in group], [sq for _, _, sq in group]
-        del group
         factors, seconds = self._factorize(names, mats, sqs)
         self.seconds += seconds
         for name, f in zip(names, factors, strict=True):
