@@ -34,7 +34,7 @@ def predictors(results: list[dict[str, Any]]) -> dict[str, Any]:
     the GRPO runs and over all runs: Spearman's ρ with the gain, and the AUC of telling a positive gain from the rest
     (``P(measure of a positive-gain run > measure of another)``, ties counted half; None without both classes; ρ is
     None where the measure or the gain does not vary)."""
-    from scipy.stats import mannwhitneyu, spearmanr
+    from scipy.stats import mannwhitneyu
 
     out: dict[str, Any] = {}
     for name, runs in (("rl", [r for r in results if r["mode"] == "rl"]), ("all", results)):
@@ -43,13 +43,36 @@ def predictors(results: list[dict[str, Any]]) -> dict[str, Any]:
         scores = {}
         for key in PREDICTORS:
             xs = [r["early"][key] for r in runs]
-            rho = float(spearmanr(xs, gains).statistic) if len(set(xs)) > 1 and len(set(gains)) > 1 else None
+            rho = _rho(xs, gains)
             a = [x for x, p in zip(xs, pos, strict=True) if p]
             b = [x for x, p in zip(xs, pos, strict=True) if not p]
             auc = mannwhitneyu(a, b).statistic / (len(a) * len(b)) if a and b else None
             scores[key] = {"spearman": rho, "auc": None if auc is None else float(auc)}
         out[name] = {"runs": len(runs), "positive_gain": sum(pos), "scores": scores}
+    # what the gain follows besides the measures, and each measure's ρ among the GRPO runs of one learning rate
+    rl = [r for r in results if r["mode"] == "rl"]
+    lrs = sorted({r["lr"] for r in rl})
+    out["rl"]["gain_vs"] = {
+        "lr": _rho([r["lr"] for r in rl], [r["extrap_gain"] for r in rl]),
+        "accuracy_gain": _rho([r["acc_last"] - r["acc_base"] for r in rl], [r["extrap_gain"] for r in rl]),
+    }
+    out["rl"]["within_lr"] = {
+        key: {
+            f"{lr:g}": _rho(
+                [r["early"][key] for r in rl if r["lr"] == lr], [r["extrap_gain"] for r in rl if r["lr"] == lr]
+            )
+            for lr in lrs
+        }
+        for key in PREDICTORS
+    }
     return out
+
+
+def _rho(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman's ρ, None where either side does not vary."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(xs, ys).statistic) if len(set(xs)) > 1 and len(set(ys)) > 1 else None
 
 
 def _mean(xs: list[float | None]) -> float | None:
@@ -63,6 +86,11 @@ def settings(results: list[dict[str, Any]]) -> list[tuple[tuple[Any, ...], list[
     for r in results:
         groups.setdefault((r["width"], -r["lr"], r["steps"], *kind(r)), []).append(r)
     return [(k, sorted(v, key=lambda r: r["seed"])) for k, v in sorted(groups.items())]
+
+
+def beyond(r: dict[str, Any]) -> float:
+    """The best accuracy the sweep found beyond the last checkpoint (scales > 1 of the all-checkpoint adapter)."""
+    return max((row["accuracy"] for row in r["sweep"] if row["scale"] > 1), default=float("-inf"))
 
 
 def tables(record: dict[str, Any]) -> str:
@@ -86,8 +114,8 @@ def tables(record: dict[str, Any]) -> str:
     lines += [
         "",
         "| width | LR | steps | run | pooled R² minus the SFT control's (per seed) | rank-1 energy ≥ 0.5 "
-        "| rank-1 share ≥ 0.8 | extrapolation gain > 0 | sweep picks > 1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| rank-1 share ≥ 0.8 | extrapolation gain > 0 | sweep picks > 1 | a scale > 1 beats the last checkpoint |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     sft = {(r["width"], r["lr"], r["steps"], r["seed"]): r for r in record["runs"] if r["mode"] == "sft"}
     for (width, neg_lr, steps, mode, kl_on), runs in settings(record["runs"]):
@@ -100,6 +128,7 @@ def tables(record: dict[str, Any]) -> str:
             lambda r: r["rank1_share"] is not None and r["rank1_share"] >= 0.8,
             lambda r: r["extrap_gain"] > 0,
             lambda r: r["sweep_best"] > 1,
+            lambda r: beyond(r) > r["acc_last"],
         )
         counts = " | ".join(f"{sum(map(test, runs))} of {len(runs)}" for test in tests)
         setting = f"| {width} | {-neg_lr:g} | {steps} | {label((mode, kl_on), kl)} |"
@@ -107,13 +136,19 @@ def tables(record: dict[str, Any]) -> str:
     lines += [
         "",
         "| `analyze` measure on the first half | Spearman ρ with the gain (GRPO runs) | AUC, gain > 0 (GRPO runs) "
-        "| Spearman ρ (all runs) | AUC (all runs) |",
-        "|---|---|---|---|---|",
+        "| Spearman ρ (all runs) | AUC (all runs) | ρ within one learning rate (GRPO runs) |",
+        "|---|---|---|---|---|---|",
     ]
     pr = record["predictors"]
     for key, name in PREDICTORS.items():
         a, b = pr["rl"]["scores"][key], pr["all"]["scores"][key]
-        lines.append(f"| {name} | {f(a['spearman'])} | {f(a['auc'])} | {f(b['spearman'])} | {f(b['auc'])} |")
+        within = ", ".join(f"{lr}: {f(v)}" for lr, v in pr["rl"]["within_lr"][key].items())
+        lines.append(f"| {name} | {f(a['spearman'])} | {f(a['auc'])} | {f(b['spearman'])} | {f(b['auc'])} | {within} |")
+    vs = pr["rl"]["gain_vs"]
+    lines.append(
+        f"\n(GRPO runs: Spearman ρ of the extrapolation gain with the learning rate {f(vs['lr'])}, with the run's own"
+        f" accuracy gain {f(vs['accuracy_gain'])})"
+    )
     lines.append(
         f"\n(positive extrapolation gain in {pr['rl']['positive_gain']} of {pr['rl']['runs']} GRPO runs and "
         f"{pr['all']['positive_gain']} of {pr['all']['runs']} runs in all)"

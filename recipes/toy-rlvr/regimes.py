@@ -140,7 +140,7 @@ def main() -> None:
         "command": "python recipes/toy-rlvr/regimes.py " + " ".join(sys.argv[1:]),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
-        "wall_seconds": time.perf_counter() - t0,
+        "wall_seconds": time.perf_counter() - t0,  # of this invocation (a resumed grid only reads finished runs)
         "grid": {k: v for k, v in vars(args).items() if k != "output"},
         "runs": results,
         "predictors": predictors(results),
