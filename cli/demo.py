@@ -36,7 +36,7 @@ def user_path(path: Path) -> str:
 def demo_cmd(keep: Path | None, overwrite: bool) -> None:
     """Extract the drift of a real tiny GRPO run (shipped with driftmerge), extrapolate it to scale 1.5 and score
     the models on held-out problems."""
-    from driftmerge.commands.demo import DEMO_SCALE, DEMO_STEPS, apply_command, extract_command, run_demo
+    from driftmerge.commands.demo import DEMO_SCALE, DEMO_SETTING, DEMO_STEPS, apply_command, extract_command, run_demo
 
     if overwrite and keep is None:
         raise click.UsageError("--overwrite replaces the --keep folder; give --keep DIR")
@@ -44,8 +44,8 @@ def demo_cmd(keep: Path | None, overwrite: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="driftmerge-demo-") as tmp:
         folder = keep if keep is not None else Path(tmp) / "demo"
         heading = (
-            f"driftmerge demo: a tiny Llama trained with GRPO on 2-digit addition (0/1 reward), base + checkpoints"
-            f" {', '.join(map(str, DEMO_STEPS))}, copied to {user_path(folder / 'run')}"
+            f"driftmerge demo: a tiny Llama trained with GRPO on 2-digit addition (0/1 reward; {DEMO_SETTING}),"
+            f" base + checkpoints {', '.join(map(str, DEMO_STEPS))}, copied to {user_path(folder / 'run')}"
         )
         with progress_bar("demo") as progress:  # the heading once the folder could be made, not before
             rep = run_demo(folder, progress, overwrite=overwrite, started=lambda: click.echo(heading))
@@ -69,10 +69,16 @@ def demo_cmd(keep: Path | None, overwrite: bool) -> None:
             kept = f"\n\nAnother scale, on the kept files:\n  {another}"
         else:
             kept = "\n(those files were in a temporary folder, now removed; --keep DIR keeps them)"
+        lin, gain = rep.linearity, rep.extrapolation_gain
+        finding = (
+            f"On this run `driftmerge analyze` finds pooled R² {lin['r2']:.2f}, per-element R² median"
+            f" {lin['elem_r2_median']:.2f} and rank-1 energy {lin['energy_rank1']:.2f}; extrapolating to scale"
+            f" {DEMO_SCALE:g} {'helped' if gain > 0 else 'did not help'} ({gain:+.3f} against the last checkpoint)."
+        )
         click.echo(
-            f"\nheld-out greedy accuracy on {rep.problems} addition problems:\n{table}\n"
-            f"done in {time.perf_counter() - t0:.1f} s. Whether extrapolation helps depends on the run: measure it"
-            f" on yours with `driftmerge sweep`.{kept}\n"
+            f"\nheld-out greedy accuracy on {rep.problems} addition problems:\n{table}\n{finding}\n"
+            f"done in {time.perf_counter() - t0:.1f} s. Whether extrapolation helps depends on the run"
+            f" (docs/validation.md, 'Regimes'): measure it on yours with `driftmerge sweep`.{kept}\n"
             "\nOn your own run:\n"
             "  driftmerge extract BASE_DIR --run-dir RUN -o my-drift\n"
             "  driftmerge sweep my-drift --prompts tasks.jsonl --apply-best my-model"

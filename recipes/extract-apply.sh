@@ -21,11 +21,11 @@ DTYPE=${DTYPE:-auto}              # storage dtype of the model: auto = the base'
 SHARD=${SHARD:-5GB}               # largest safetensors shard of the model
 
 if [ "$#" -eq 0 ]; then
-  # No checkpoints given: the tiny GRPO run `driftmerge demo` ships (base + checkpoint-50/100/150/200).
+  # No checkpoints given: the tiny GRPO run `driftmerge demo` ships (base + checkpoint-150/300/450/600).
   rm -rf "$WORK/run" && mkdir -p "$WORK"
   python -c "from pathlib import Path; from driftmerge.commands.demo import copy_run; copy_run(Path('$WORK'))"
-  set -- "$WORK/run/base" "$WORK/run/checkpoint-50" "$WORK/run/checkpoint-100" "$WORK/run/checkpoint-150" \
-    "$WORK/run/checkpoint-200"
+  set -- "$WORK/run/base" "$WORK/run/checkpoint-150" "$WORK/run/checkpoint-300" "$WORK/run/checkpoint-450" \
+    "$WORK/run/checkpoint-600"
 fi
 
 # 1. Fit the drift and store it as a PEFT LoRA adapter (steps are read from the checkpoint folder names;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -35,13 +36,24 @@ def test_demo_runs(cli, tmp_path):
     assert code == 0, err
     assert "held-out greedy accuracy on 256 addition problems" in out
     acc = {}
-    for row in ("base (step 0", "last checkpoint (step 200)", "extrapolated, scale 1.5 (step 300)"):
+    for row in ("base (step 0", "last checkpoint (step 600)", "extrapolated, scale 1.5 (step 900)"):
         acc[row] = float(next(x for x in out.splitlines() if row in x).split()[-1])
         assert 0.0 <= acc[row] <= 1.0
-    recorded = json.loads((tmp_path / "demo" / "run" / "run.json").read_text())["evals"]
+    run = json.loads((tmp_path / "demo" / "run" / "run.json").read_text())
+    c = run["config"]  # the setting the heading names
+    lr = f"{c['rl_lr']:g}".replace("e-0", "e-")  # 5e-5
+    assert f"width {c['hidden']}, Adam {lr}, KL {c['kl_coef']:g}, {c['rl_steps']} steps" in out
+    recorded = run["evals"]
     assert acc["base (step 0"] == pytest.approx(recorded[0]["accuracy"], abs=1e-3)  # what the recipe measured
-    assert acc["last checkpoint (step 200)"] == pytest.approx(recorded[-1]["accuracy"], abs=1e-3)
+    assert acc["last checkpoint (step 600)"] == pytest.approx(recorded[-1]["accuracy"], abs=1e-3)
     assert (tmp_path / "demo" / "driftmerge-model" / "config.json").is_file()
+    # one line on what `analyze` finds and whether extrapolating helped, as the kept report and the table say
+    finding = next(x for x in out.splitlines() if x.startswith("On this run `driftmerge analyze` finds"))
+    model = json.loads((tmp_path / "demo" / "driftmerge-analysis" / "report.json").read_text())["model"]
+    assert f"pooled R² {model['r2']:.2f}," in finding and f"rank-1 energy {model['energy_rank1']:.2f};" in finding
+    verdict, said = re.search(r"scale 1\.5 (helped|did not help) \(([-+]\d\.\d{3}) against", finding).groups()
+    gain = acc["extrapolated, scale 1.5 (step 900)"] - acc["last checkpoint (step 600)"]  # of the rounded figures
+    assert float(said) == pytest.approx(gain, abs=1.1e-3) and (verdict == "helped") == (float(said) > 0)
 
 
 def test_help_and_version(cli):

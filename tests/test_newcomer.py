@@ -230,7 +230,7 @@ def test_generate_into_a_read_only_or_full_folder(target, tmp_path):
     folder.mkdir()
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"prompt": "2+3="}) + "\n")
-    args = ["generate", "--early", run / "base", "--late", run / "checkpoint-200", "--prompts", prompts]
+    args = ["generate", "--early", run / "base", "--late", run / "checkpoint-600", "--prompts", prompts]
     setup = _read_only(folder) if target == "read-only" else _full(folder)
     r = _in_mount(
         setup, [*args, "--max-new-tokens", "2", "-o", folder / "gen.jsonl"], after=f"ls -A {folder} > {listing}"

@@ -71,7 +71,7 @@ def no_cache_deprecation() -> Iterator[list[str]]:
 # ---- 1. the cache API transformers 5 wants -------------------------------------------------------------------------
 def test_logit_extrapolation_prints_no_cache_deprecation(demo):
     run = demo / "demo" / "run"
-    early, late = load_causal_lm(run / "base"), load_causal_lm(run / "checkpoint-200")
+    early, late = load_causal_lm(run / "base"), load_causal_lm(run / "checkpoint-600")
     tok = load_tokenizer(run / "base")
     prompts = ["4+22=", "13+4=", "7+70="]
     with no_cache_deprecation():
@@ -99,7 +99,7 @@ def test_generate_and_sweep_logits_commands_print_no_cache_deprecation(demo, cli
     prompts = tmp_path / "p.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in held_out(2, 2, seed=1)))
     with no_cache_deprecation():
-        code, _, err = cli("generate", "--early", run / "base", "--late", run / "checkpoint-200", "--prompts", prompts,
+        code, _, err = cli("generate", "--early", run / "base", "--late", run / "checkpoint-600", "--prompts", prompts,
                            "--max-new-tokens", "4", "-o", tmp_path / "g.jsonl")  # fmt: skip
         assert code == 0, err
         code, _, err = cli("sweep", demo / "demo" / "driftmerge-adapter", "--prompts", prompts, "--mode", "logits",
@@ -274,13 +274,13 @@ def test_a_negative_scale_needs_its_flag(demo, cli, tmp_path):
     code, _, err = cli("apply", adapter, "--scale", "-1", "-o", tmp_path / "m")
     assert_one_line_error(code, err, 3, "--scale -1 moves the base against the training", "--step",
                           "--allow-negative-scale")  # fmt: skip
-    code, _, err = cli("apply", adapter, "--step", "-50", "-o", tmp_path / "m")
-    assert_one_line_error(code, err, 3, "--step -50 (scale -0.25)", "--allow-negative-scale")
+    code, _, err = cli("apply", adapter, "--step", "-150", "-o", tmp_path / "m")
+    assert_one_line_error(code, err, 3, "--step -150 (scale -0.25)", "--allow-negative-scale")
     code, _, err = cli("apply", adapter, "--scale", "-1", "--format", "adapter", "-o", tmp_path / "m")
     assert_one_line_error(code, err, 3, "--allow-negative-scale")
     assert not (tmp_path / "m").exists()
     code, out, err = cli("apply", adapter, "--scale", "-1", "--allow-negative-scale", "-o", tmp_path / "m")
-    assert code == 0 and "scale -1 (step -200)" in out, err
+    assert code == 0 and "scale -1 (step -600)" in out, err
     code, out, _ = cli("apply", "--help")
     assert "--allow-negative-scale" in out and "moves the base against the training" in " ".join(out.split())
 
@@ -295,9 +295,9 @@ def test_a_negative_scale_needs_its_flag(demo, cli, tmp_path):
 
 def test_a_checkpoint_as_the_base_needs_its_flag(demo, cli, tmp_path):
     adapter, run = demo / "demo" / "driftmerge-adapter", demo / "demo" / "run"
-    ck = run / "checkpoint-200"
+    ck = run / "checkpoint-600"
     code, _, err = cli("apply", adapter, "--scale", "0.5", "--base", ck, "-o", tmp_path / "m")
-    assert_one_line_error(code, err, 3, "the run's checkpoint at step 200, not the base", "twice",
+    assert_one_line_error(code, err, 3, "the run's checkpoint at step 600, not the base", "twice",
                           "--allow-other-base")  # fmt: skip
     assert not (tmp_path / "m").exists()
     code, _, err = cli("apply", adapter, "--scale", "0.5", "--base", ck, "--allow-other-base", "-o", tmp_path / "m")
@@ -309,5 +309,5 @@ def test_a_checkpoint_as_the_base_needs_its_flag(demo, cli, tmp_path):
 
     prompts = run / "held-out.jsonl"
     code, _, err = cli("sweep", adapter, "--prompts", prompts, "--base", ck, "-o", tmp_path / "s")
-    assert_one_line_error(code, err, 3, "checkpoint at step 200", "--allow-other-base")
+    assert_one_line_error(code, err, 3, "checkpoint at step 600", "--allow-other-base")
     assert not (tmp_path / "s").exists()

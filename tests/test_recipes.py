@@ -133,7 +133,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, monkeypatch, cli):
     copy_run(tmp_path / "demo-run")  # a dry run checks that the inputs exist
     code, out, err = cli("run", ROOT / "recipes" / "extrapolate.yaml", "--dry-run")
     assert code == 0, err
-    assert "driftmerge extract demo-run/run/base demo-run/run/checkpoint-50 demo-run/run/checkpoint-100" in out
+    assert "driftmerge extract demo-run/run/base demo-run/run/checkpoint-150 demo-run/run/checkpoint-300" in out
     assert "driftmerge apply demo-run/extrapolate-adapter --scale 1.5 -o demo-run/extrapolate-model" in out
     assert "nothing was run or written" in out
     assert list(tmp_path.iterdir()) == [tmp_path / "demo-run"]
@@ -147,7 +147,7 @@ def test_extrapolate_recipe_equals_the_commands_it_plans(tmp_path, monkeypatch, 
     code, out, err = cli("run", path)
     assert code == 0, err
     assert "[1/2] extract" in out and "wrote model demo-run/extrapolate-model" in out
-    assert "scale 1.5 (step 300)" in out
+    assert "scale 1.5 (step 900)" in out
 
     recipe = load_recipe(path)  # the same plan, with other outputs, through `driftmerge extract` / `apply`
     recipe.extract.output, recipe.apply.adapter, recipe.apply.output = "cli-adapter", "cli-adapter", "cli-model"

@@ -1,10 +1,12 @@
 """The embedded default job: a real (tiny) RLVR run, extracted at rank 1 and extrapolated to scale 1.5.
 
-The run ships with driftmerge (``driftmerge/data/toy-rlvr``, about 2 MB): the base and four GRPO checkpoints of the
-toy recipe (``python recipes/toy-rlvr/run.py --small --seed 0``: a tiny Llama-shaped model learning 2-digit
-addition with a 0/1 reward; see that folder's README.md). The demo fits the drift, writes the model at scale 1.5
-(step 300, 100 steps beyond the last checkpoint) and scores the base, the last checkpoint, the rank-1 model at
-scale 1 and the extrapolated one on the recipe's held-out problems, whatever the outcome.
+The run ships with driftmerge (``driftmerge/data/toy-rlvr``, about 6 MB): the base and four GRPO checkpoints of the
+toy recipe (a tiny Llama-shaped model learning 2-digit addition with a 0/1 reward), in the setting of the regime
+grid closest to the seed paper's: the smaller learning rate, a KL term, the wider model, the longer run (see that
+folder's README.md and docs/validation.md, "Regimes"). The demo measures the run with ``analyze``, fits the drift,
+writes the model at scale 1.5 (step 900, 300 steps beyond the last checkpoint) and scores the base, the last
+checkpoint, the rank-1 model at scale 1 and the extrapolated one on the recipe's held-out problems, whatever the
+outcome.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from driftmerge.io.outputs import atomic_output_dir
 from driftmerge.progress import Progress
 from driftmerge.schema import read_meta
 
-DEMO_STEPS = (50, 100, 150, 200)
+DEMO_STEPS = (150, 300, 450, 600)
+DEMO_SETTING = "width 128, Adam 5e-5, KL 0.1, 600 steps"  # the run's config (run.json): the grid's nearest the paper
 DEMO_SCALE = 1.5
 DATA = "toy-rlvr"
-ADAPTER, MODEL, AT_ONE = "driftmerge-adapter", "driftmerge-model", "model-scale-1"  # the outputs, in the folder
+ADAPTER, MODEL, AT_ONE, ANALYSIS = "driftmerge-adapter", "driftmerge-model", "model-scale-1", "driftmerge-analysis"
 
 
 @dataclass
@@ -37,6 +40,12 @@ class DemoReport:
     applied: ApplyResult
     accuracy: dict[str, float]  # held-out greedy accuracy: base, last checkpoint, rank-1 at scale 1, at DEMO_SCALE
     problems: int
+    linearity: dict[str, float]  # `analyze` on the run, the whole model: r2, elem_r2_median, energy_rank1
+
+    @property
+    def extrapolation_gain(self) -> float:
+        """Accuracy at DEMO_SCALE minus the last checkpoint's: > 0 when extrapolating helped on this run."""
+        return self.accuracy["extrapolated"] - self.accuracy["last"]
 
 
 def copy_run(folder: Path) -> Path:
@@ -70,7 +79,7 @@ def run_demo(
     overwrite: bool = False,
     started: Callable[[], None] | None = None,
 ) -> DemoReport:
-    """Copy the run into ``folder``, extract at rank 1, apply at scale 1 and 1.5, score them all.
+    """Copy the run into ``folder``, analyze it, extract at rank 1, apply at scale 1 and 1.5, score them all.
 
     ``folder`` is one atomic output (:func:`~driftmerge.io.outputs.atomic_output_dir`): it is built in a temporary
     sibling and renamed into place when complete (replacing an existing one only with ``overwrite``), so a failure
@@ -86,12 +95,15 @@ def run_demo(
 
 
 def _run(folder: Path, progress: Progress | None) -> DemoReport:
+    from driftmerge.commands.analyze import analyze
     from driftmerge.evaluation.addition import accuracy, held_out, max_new_tokens
     from driftmerge.io.models import load_causal_lm, load_tokenizer
 
     run = copy_run(folder)
     cfg = json.loads((run / "run.json").read_text())["config"]  # the recipe's ToyConfig, as recorded
     cks = [run / f"checkpoint-{s}" for s in DEMO_STEPS]
+    model = analyze(run / "base", cks, out_dir=folder / ANALYSIS, progress=progress).report["model"]
+    linearity = {k: model[k] for k in ("r2", "elem_r2_median", "energy_rank1")}
     adapter = folder / ADAPTER
     opts = ExtractOptions(rank=1)
     extracted = extract(
@@ -112,7 +124,7 @@ def _run(folder: Path, progress: Progress | None) -> DemoReport:
         k: accuracy(load_causal_lm(p), tok, pairs=problems, max_new_tokens=max_new_tokens(cfg["digits"]))
         for k, p in models.items()
     }
-    return DemoReport(folder, extracted, applied, acc, len(problems))
+    return DemoReport(folder, extracted, applied, acc, len(problems), linearity)
 
 
 def _relocate(tmp: Path, target: Path) -> None:
@@ -121,7 +133,7 @@ def _relocate(tmp: Path, target: Path) -> None:
     read them there), the cards and the recorded commands name the inputs. The demo reads and writes everything in
     ``tmp``, so only its own absolute path (plain, and as JSON writes it) needs replacing."""
     pairs = {str(tmp): str(target), json.dumps(str(tmp))[1:-1]: json.dumps(str(target))[1:-1]}
-    for output in (ADAPTER, MODEL, AT_ONE):
+    for output in (ADAPTER, MODEL, AT_ONE, ANALYSIS):
         for path in sorted((tmp / output).iterdir()):
             if path.suffix not in (".json", ".md"):
                 continue
