@@ -34,6 +34,6 @@ def test_recipe_runs_as_is(tmp_path):
         ["bash", str(ROOT / "recipes" / "extract-apply.sh")], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
-    assert "scale 1.25 (step 250)" in proc.stdout  # the shipped run: checkpoints 50..200
+    assert "scale 1.25 (step 750)" in proc.stdout  # the shipped run: checkpoints 150..600
     weights = load_weights(tmp_path / "w" / "model")
     assert weights and (tmp_path / "w" / "adapter-scaled" / "adapter_config.json").is_file()

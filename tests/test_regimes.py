@@ -75,9 +75,9 @@ def test_a_finished_grid_is_read_back_not_retrained(grid):
     assert json.loads((out / "regimes.json").read_text())["runs"] == record["runs"]
 
 
-def _run(gain: float, r2: float, energy: float, mode: str = "rl") -> dict:
+def _run(gain: float, r2: float, energy: float, mode: str = "rl", lr: float = 1e-4) -> dict:
     early = {k: 0.5 for k in PREDICTORS} | {"r2": r2, "energy_rank1": energy}
-    return {"mode": mode, "extrap_gain": gain, "early": early}
+    return {"mode": mode, "extrap_gain": gain, "early": early, "lr": lr, "acc_base": 0.3, "acc_last": 0.3 + r2 / 10}
 
 
 def test_predictor_scores():
@@ -93,6 +93,13 @@ def test_predictor_scores():
     # a measure that does not vary predicts nothing; without a positive run there is no AUC
     assert rl["elem_r2_median"] == {"spearman": None, "auc": pytest.approx(0.5)}
     assert predictors([_run(-0.1, 0.5, 0.5), _run(-0.2, 0.6, 0.4)])["rl"]["scores"]["r2"]["auc"] is None
+    # within one learning rate, and against the learning rate and the run's own gain
+    two = [_run(g, r2, 0.5, lr=lr) for g, r2, lr in ((-0.2, 0.5, 1e-3), (-0.1, 0.6, 1e-3), (0.0, 0.7, 1e-4))]
+    two.append(_run(0.1, 0.4, 0.5, lr=1e-4))
+    got = predictors(two)["rl"]
+    assert got["within_lr"]["r2"] == {"0.0001": pytest.approx(-1.0), "0.001": pytest.approx(1.0)}
+    # ranks: lr (3.5, 3.5, 1.5, 1.5), accuracy gain (2, 3, 4, 1), extrapolation gain (1, 2, 3, 4)
+    assert got["gain_vs"] == {"lr": pytest.approx(-2 / 5**0.5), "accuracy_gain": pytest.approx(-0.2)}
 
 
 def test_the_table_names_each_setting_once(grid):
