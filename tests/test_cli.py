@@ -56,6 +56,20 @@ def test_demo_runs(cli, tmp_path):
     assert float(said) == pytest.approx(gain, abs=1.1e-3) and (verdict == "helped") == (float(said) > 0)
 
 
+def test_demo_without_matplotlib(tmp_path, monkeypatch):
+    """`pip install -e .` has no plot extra: the demo still measures the run, and its report says why no figures."""
+    from driftmerge.commands.demo import ANALYSIS, run_demo
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    rep = run_demo(tmp_path / "demo")
+    report = json.loads((tmp_path / "demo" / ANALYSIS / "report.json").read_text())
+    assert rep.linearity == {k: report["model"][k] for k in ("r2", "elem_r2_median", "energy_rank1")}
+    assert 0.5 < rep.linearity["r2"] <= 1.0
+    assert not list((tmp_path / "demo" / ANALYSIS).glob("*.png"))
+    assert "figures=False" in (tmp_path / "demo" / ANALYSIS / "report.md").read_text()
+    assert rep.extrapolation_gain == rep.accuracy["extrapolated"] - rep.accuracy["last"]
+
+
 def test_help_and_version(cli):
     code, out, _ = cli("--help")
     assert code == 0 and "extract" in out and "Exit codes" in out

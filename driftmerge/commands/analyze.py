@@ -41,6 +41,7 @@ class AnalyzeOptions:
     logprobs: str | Path | None = None  # JSONL of {prompt, response}
     logprob_min_move: float = 0.2  # tokens whose log-prob moved by more are kept (the seed paper's rule)
     batch_size: int = 8
+    figures: bool = True  # False: report.json and report.md only, no matplotlib needed (what the demo uses without it)
 
     def validate(self) -> None:
         if not 0.0 < self.sample_frac <= 1.0:
@@ -78,7 +79,8 @@ def analyze(
     """Measure how linear the run from ``base`` through ``checkpoints`` is; write the report folder."""
     opts = options or AnalyzeOptions()
     opts.validate()
-    check_plotting()
+    if opts.figures:
+        check_plotting()
     if not checkpoints:
         raise InputError("give at least one checkpoint after the base (or an adapter folder alone)")
     device = resolve_device(opts.device)
@@ -136,7 +138,7 @@ def analyze(
         "logprob_min_move": opts.logprob_min_move if pairs is not None else None,
     }
     report = build_report(stats, steps, base_step=opts.base_step, refs=refs, settings=settings, logprobs=logprobs)
-    return _write(report, stats, out_dir, inputs, overwrite)
+    return _write(report, stats, out_dir, inputs, overwrite, figures=opts.figures)
 
 
 def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> AnalyzeResult:
@@ -192,13 +194,21 @@ def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, *, overwrite: 
 
 
 def _write(
-    report: dict[str, Any], stats: list[TensorStats], out_dir: Path, inputs: list[Path], overwrite: bool
+    report: dict[str, Any],
+    stats: list[TensorStats],
+    out_dir: Path,
+    inputs: list[Path],
+    overwrite: bool,
+    figures: bool = True,
 ) -> AnalyzeResult:
     with atomic_output_dir(out_dir, inputs, overwrite=overwrite) as tmp:
-        figures, skipped = draw_figures(report, stats, out=tmp)
+        if figures:
+            figures_, skipped = draw_figures(report, stats, out=tmp)
+        else:
+            figures_, skipped = {}, {"all figures": "left out (figures=False); `driftmerge analyze` draws them"}
         write_json(report, tmp / "report.json")
-        (tmp / "report.md").write_text(markdown(report, figures, skipped=skipped))
-    return AnalyzeResult(out_dir=out_dir, report=report, figures=figures, skipped=skipped)
+        (tmp / "report.md").write_text(markdown(report, figures_, skipped=skipped))
+    return AnalyzeResult(out_dir=out_dir, report=report, figures=figures_, skipped=skipped)
 
 
 def _read_pairs(path: Path) -> list[dict[str, str]]:

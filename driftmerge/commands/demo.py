@@ -95,19 +95,24 @@ def run_demo(
 
 
 def _run(folder: Path, progress: Progress | None) -> DemoReport:
-    from driftmerge.commands.analyze import analyze
+    from driftmerge.commands.analyze import AnalyzeOptions, analyze
     from driftmerge.evaluation.addition import accuracy, held_out, max_new_tokens
     from driftmerge.io.models import load_causal_lm, load_tokenizer
 
     run = copy_run(folder)
     cfg = json.loads((run / "run.json").read_text())["config"]  # the recipe's ToyConfig, as recorded
     cks = [run / f"checkpoint-{s}" for s in DEMO_STEPS]
-    model = analyze(run / "base", cks, out_dir=folder / ANALYSIS, progress=progress).report["model"]
+    opts = AnalyzeOptions(figures=_can_plot())  # the report's figures where matplotlib is installed (the plot extra)
+    model = analyze(run / "base", cks, out_dir=folder / ANALYSIS, options=opts, progress=progress).report["model"]
     linearity = {k: model[k] for k in ("r2", "elem_r2_median", "energy_rank1")}
     adapter = folder / ADAPTER
-    opts = ExtractOptions(rank=1)
     extracted = extract(
-        run / "base", cks, out_dir=adapter, options=opts, progress=progress, command=extract_command(folder)
+        run / "base",
+        cks,
+        out_dir=adapter,
+        options=ExtractOptions(rank=1),
+        progress=progress,
+        command=extract_command(folder),
     )
     applied = apply_drift(
         adapter,
@@ -125,6 +130,14 @@ def _run(folder: Path, progress: Progress | None) -> DemoReport:
         for k, p in models.items()
     }
     return DemoReport(folder, extracted, applied, acc, len(problems), linearity)
+
+
+def _can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _relocate(tmp: Path, target: Path) -> None:
