@@ -36,7 +36,7 @@ def user_path(path: Path) -> str:
 def demo_cmd(keep: Path | None, overwrite: bool) -> None:
     """Extract the drift of a real tiny GRPO run (shipped with driftmerge), extrapolate it to scale 1.5 and score
     the models on held-out problems."""
-    from driftmerge.commands.demo import DEMO_SCALE, DEMO_SETTING, DEMO_STEPS, apply_command, extract_command, run_demo
+    from driftmerge.commands.demo import DEMO_SCALE, DEMO_STEPS, apply_command, extract_command, run_demo, setting
 
     if overwrite and keep is None:
         raise click.UsageError("--overwrite replaces the --keep folder; give --keep DIR")
@@ -44,7 +44,7 @@ def demo_cmd(keep: Path | None, overwrite: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="driftmerge-demo-") as tmp:
         folder = keep if keep is not None else Path(tmp) / "demo"
         heading = (
-            f"driftmerge demo: a tiny Llama trained with GRPO on 2-digit addition (0/1 reward; {DEMO_SETTING}),"
+            f"driftmerge demo: a tiny Llama trained with GRPO on 2-digit addition (0/1 reward; {setting()}),"
             f" base + checkpoints {', '.join(map(str, DEMO_STEPS))}, copied to {user_path(folder / 'run')}"
         )
         with progress_bar("demo") as progress:  # the heading once the folder could be made, not before

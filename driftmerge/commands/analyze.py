@@ -138,7 +138,7 @@ def analyze(
         "logprob_min_move": opts.logprob_min_move if pairs is not None else None,
     }
     report = build_report(stats, steps, base_step=opts.base_step, refs=refs, settings=settings, logprobs=logprobs)
-    return _write(report, stats, out_dir, inputs, overwrite, figures=opts.figures)
+    return _write(report, stats, out_dir, inputs, overwrite, draw=opts.figures)
 
 
 def analyze_adapter(adapter_dir: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> AnalyzeResult:
@@ -199,16 +199,16 @@ def _write(
     out_dir: Path,
     inputs: list[Path],
     overwrite: bool,
-    figures: bool = True,
+    draw: bool = True,
 ) -> AnalyzeResult:
     with atomic_output_dir(out_dir, inputs, overwrite=overwrite) as tmp:
-        if figures:
-            figures_, skipped = draw_figures(report, stats, out=tmp)
+        if draw:
+            figures, skipped = draw_figures(report, stats, out=tmp)
         else:
-            figures_, skipped = {}, {"all figures": "left out (figures=False); `driftmerge analyze` draws them"}
+            figures, skipped = {}, {"all figures": "left out (figures=False); `driftmerge analyze` draws them"}
         write_json(report, tmp / "report.json")
-        (tmp / "report.md").write_text(markdown(report, figures_, skipped=skipped))
-    return AnalyzeResult(out_dir=out_dir, report=report, figures=figures_, skipped=skipped)
+        (tmp / "report.md").write_text(markdown(report, figures, skipped=skipped))
+    return AnalyzeResult(out_dir=out_dir, report=report, figures=figures, skipped=skipped)
 
 
 def _read_pairs(path: Path) -> list[dict[str, str]]:

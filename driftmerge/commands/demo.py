@@ -27,7 +27,6 @@ from driftmerge.progress import Progress
 from driftmerge.schema import read_meta
 
 DEMO_STEPS = (150, 300, 450, 600)
-DEMO_SETTING = "width 128, Adam 5e-5, KL 0.1, 600 steps"  # the run's config (run.json): the grid's nearest the paper
 DEMO_SCALE = 1.5
 DATA = "toy-rlvr"
 ADAPTER, MODEL, AT_ONE, ANALYSIS = "driftmerge-adapter", "driftmerge-model", "model-scale-1", "driftmerge-analysis"
@@ -46,6 +45,13 @@ class DemoReport:
     def extrapolation_gain(self) -> float:
         """Accuracy at DEMO_SCALE minus the last checkpoint's: > 0 when extrapolating helped on this run."""
         return self.accuracy["extrapolated"] - self.accuracy["last"]
+
+
+def setting() -> str:
+    """The shipped run's training setting, as its run.json records it: ``width 128, Adam 5e-5, KL 0.1, 600 steps``."""
+    cfg = json.loads((resources.files("driftmerge") / "data" / DATA / "run.json").read_text())["config"]
+    lr = f"{cfg['rl_lr']:g}".replace("e-0", "e-")
+    return f"width {cfg['hidden']}, Adam {lr}, KL {cfg['kl_coef']:g}, {cfg['rl_steps']} steps"
 
 
 def copy_run(folder: Path) -> Path:
@@ -98,11 +104,12 @@ def _run(folder: Path, progress: Progress | None) -> DemoReport:
     from driftmerge.commands.analyze import AnalyzeOptions, analyze
     from driftmerge.evaluation.addition import accuracy, held_out, max_new_tokens
     from driftmerge.io.models import load_causal_lm, load_tokenizer
+    from driftmerge.reports.linearity import plotting_available
 
     run = copy_run(folder)
     cfg = json.loads((run / "run.json").read_text())["config"]  # the recipe's ToyConfig, as recorded
     cks = [run / f"checkpoint-{s}" for s in DEMO_STEPS]
-    opts = AnalyzeOptions(figures=_can_plot())  # the report's figures where matplotlib is installed (the plot extra)
+    opts = AnalyzeOptions(figures=plotting_available())  # the report's figures where the plot extra is installed
     model = analyze(run / "base", cks, out_dir=folder / ANALYSIS, options=opts, progress=progress).report["model"]
     linearity = {k: model[k] for k in ("r2", "elem_r2_median", "energy_rank1")}
     adapter = folder / ADAPTER
@@ -130,14 +137,6 @@ def _run(folder: Path, progress: Progress | None) -> DemoReport:
         for k, p in models.items()
     }
     return DemoReport(folder, extracted, applied, acc, len(problems), linearity)
-
-
-def _can_plot() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _relocate(tmp: Path, target: Path) -> None:

@@ -303,5 +303,14 @@ def check_plotting() -> None:
     pyplot()
 
 
+def plotting_available() -> bool:
+    """Whether :func:`pyplot` can draw (matplotlib, the plot extra, is installed)."""
+    try:
+        check_plotting()
+    except DriftmergeError:
+        return False
+    return True
+
+
 def write_json(report: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")

@@ -14,13 +14,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from toyrl import ToyConfig
+from toyrl import ToyConfig, write_prompts
 
 from driftmerge.commands.analyze import AnalyzeOptions, analyze
 from driftmerge.commands.apply import apply_drift
@@ -54,7 +53,8 @@ def measure(
 
     out: dict[str, Any] = {"acc_base": acc_base, "acc_last": acc_last}
     for name, group in (("all", cks), ("early", half)):
-        rep = analyze(run / "base", group, out_dir=work / f"analysis-{name}", options=AnalyzeOptions(sample_frac=0.05))
+        opts = AnalyzeOptions(sample_frac=0.05, figures=False)  # the numbers only: no one looks at 126 reports' figures
+        rep = analyze(run / "base", group, out_dir=work / f"analysis-{name}", options=opts)
         m = rep.report["model"]
         out[name] = {k: m[k] for k in ANALYZE_KEYS} | {"projection_r2": (m["projection_line"] or {}).get("r2")}
 
@@ -71,8 +71,7 @@ def measure(
         out[f"extrap_gain{key}"] = out[f"acc_extrap{key}"] - acc_last
     out["extrap_from_step"] = steps[len(half) - 1]
 
-    prompts = work / "held_out.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in held_out))
+    prompts = write_prompts(work / "held_out.jsonl", held_out)
     sampling = SamplingOptions(max_new_tokens=cfg.max_new_tokens, batch_size=256)
     sw = run_sweep(work / "rank1", prompts, opts=SweepOptions(SCALES, sampling=sampling, device="cpu"))
     out["sweep"] = [{"scale": r.scale, "accuracy": r.mean} for r in sw.rows]

@@ -25,8 +25,8 @@ def kind(r: dict[str, Any]) -> tuple[str, int]:
     return r["mode"], int(r["kl_coef"] > 0)
 
 
-def label(k: tuple[str, int], kl: float | None = None) -> str:
-    return "SFT" if k[0] == "sft" else (f"RL, KL {kl:g}" if k[1] and kl else "RL, KL on" if k[1] else "RL, no KL")
+def label(k: tuple[str, int], kl: float) -> str:
+    return "SFT" if k[0] == "sft" else f"RL, KL {kl:g}" if k[1] else "RL, no KL"
 
 
 def predictors(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,6 +93,16 @@ def beyond(r: dict[str, Any]) -> float:
     return max((row["accuracy"] for row in r["sweep"] if row["scale"] > 1), default=float("-inf"))
 
 
+# the claims, counted per setting over its GRPO runs
+CLAIMS: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "rank-1 energy ≥ 0.5": lambda r: r["all"]["energy_rank1"] >= 0.5,
+    "rank-1 share ≥ 0.8": lambda r: r["rank1_share"] is not None and r["rank1_share"] >= 0.8,
+    "extrapolation gain > 0": lambda r: r["extrap_gain"] > 0,
+    "sweep picks > 1": lambda r: r["sweep_best"] > 1,
+    "a scale > 1 beats the last checkpoint": lambda r: beyond(r) > r["acc_last"],
+}
+
+
 def tables(record: dict[str, Any]) -> str:
     f: Callable[[float | None], str] = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
     sg: Callable[[float], str] = lambda x: f"{x:+.3f}"  # noqa: E731
@@ -113,9 +123,8 @@ def tables(record: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| width | LR | steps | run | pooled R² minus the SFT control's (per seed) | rank-1 energy ≥ 0.5 "
-        "| rank-1 share ≥ 0.8 | extrapolation gain > 0 | sweep picks > 1 | a scale > 1 beats the last checkpoint |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| width | LR | steps | run | pooled R² minus the SFT control's (per seed) | {' | '.join(CLAIMS)} |",
+        "|---|---|---|---|---|" + "---|" * len(CLAIMS),
     ]
     sft = {(r["width"], r["lr"], r["steps"], r["seed"]): r for r in record["runs"] if r["mode"] == "sft"}
     for (width, neg_lr, steps, mode, kl_on), runs in settings(record["runs"]):
@@ -123,14 +132,7 @@ def tables(record: dict[str, Any]) -> str:
             continue
         pair = [sft.get((r["width"], r["lr"], r["steps"], r["seed"])) for r in runs]
         diffs = [sg(r["all"]["r2"] - c["all"]["r2"]) if c else "n/a" for r, c in zip(runs, pair, strict=True)]
-        tests = (
-            lambda r: r["all"]["energy_rank1"] >= 0.5,
-            lambda r: r["rank1_share"] is not None and r["rank1_share"] >= 0.8,
-            lambda r: r["extrap_gain"] > 0,
-            lambda r: r["sweep_best"] > 1,
-            lambda r: beyond(r) > r["acc_last"],
-        )
-        counts = " | ".join(f"{sum(map(test, runs))} of {len(runs)}" for test in tests)
+        counts = " | ".join(f"{sum(map(test, runs))} of {len(runs)}" for test in CLAIMS.values())
         setting = f"| {width} | {-neg_lr:g} | {steps} | {label((mode, kl_on), kl)} |"
         lines.append(f"{setting} {' / '.join(diffs)} | {counts} |")
     lines += [
@@ -156,13 +158,14 @@ def tables(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-PANELS = (
-    ("pooled R² (all checkpoints)", lambda r: r["all"]["r2"]),
-    ("per-element R² median", lambda r: r["all"]["elem_r2_median"]),
-    ("rank-1 energy", lambda r: r["all"]["energy_rank1"]),
-    ("rank-1 model: share of the gain", lambda r: r["rank1_share"]),
-    ("extrapolation gain (accuracy)", lambda r: r["extrap_gain"]),
-    ("scale sweep picks", lambda r: r["sweep_best"]),
+# (title, value, a reference line: no gain / all of the gain / the last checkpoint)
+PANELS: tuple[tuple[str, Callable[[dict[str, Any]], float | None], float | None], ...] = (
+    ("pooled R² (all checkpoints)", lambda r: r["all"]["r2"], None),
+    ("per-element R² median", lambda r: r["all"]["elem_r2_median"], None),
+    ("rank-1 energy", lambda r: r["all"]["energy_rank1"], None),
+    ("rank-1 model: share of the gain", lambda r: r["rank1_share"], 1.0),
+    ("extrapolation gain (accuracy)", lambda r: r["extrap_gain"], 0.0),
+    ("scale sweep picks", lambda r: r["sweep_best"], 1.0),
 )
 
 
@@ -176,7 +179,7 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
     series = sorted({(kind(r), r["width"], r["steps"]) for r in results}, key=lambda k: (KINDS.index(k[0]), *k[1:]))
     lrs = sorted({r["lr"] for r in results})
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
-    for ax, (title, value) in zip(axes.flat, PANELS, strict=True):
+    for ax, (title, value, level) in zip(axes.flat, PANELS, strict=True):
         for k, w, steps in series:
             ki, wi, longer = KINDS.index(k), widths.index(w), steps != base_steps
             runs = [r for r in results if (kind(r), r["width"], r["steps"]) == (k, w, steps)]
@@ -191,10 +194,7 @@ def figure(results: list[dict[str, Any]], path: Path) -> None:
                 s=22,
                 label=f"{label(k, kl)}, width {w}" + (f", {steps} steps" if longer else ""),
             )
-        level = (
-            0.0 if title.startswith("extrapolation") else 1.0 if title.startswith(("rank-1 model", "scale")) else None
-        )
-        if level is not None:  # no gain / all of the gain / the last checkpoint
+        if level is not None:
             ax.axhline(level, color="grey", linewidth=0.8, linestyle=":")
         ax.set_xscale("log")
         ax.set_xticks(lrs, [f"{x:g}" for x in lrs])

@@ -224,6 +224,12 @@ def _frozen(model: Any) -> Any:
     return ref
 
 
+def write_prompts(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    """``pairs`` as the JSON lines ``sweep --prompts`` reads: ``{"prompt": ..., "answer": ...}`` each."""
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in pairs))
+    return path
+
+
 def config_for(small: bool, seed: int, **overrides: Any) -> ToyConfig:
     return replace(SMALL if small else DEFAULT, seed=seed, **overrides)
 

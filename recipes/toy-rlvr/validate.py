@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from toyrl import accuracy, config_for, reward, run, steps_to_threshold, supervised_start
+from toyrl import accuracy, config_for, reward, run, steps_to_threshold, supervised_start, write_prompts
 
 from driftmerge.commands.analyze import AnalyzeOptions, analyze
 from driftmerge.commands.apply import apply_drift
@@ -94,8 +94,7 @@ def one_seed(seed: int, small: bool, root: Path) -> dict:
             row[name] = acc_of(root / f"{name}-{t}", tok, held_out, cfg)
         rows.append(row)
     out["extrapolation"] = rows
-    prompts = root / "held_out.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in held_out))
+    prompts = write_prompts(root / "held_out.jsonl", held_out)
     sampling = SamplingOptions(max_new_tokens=cfg.max_new_tokens, batch_size=256)
     sw = run_sweep(root / "early-rank1", prompts, opts=SweepOptions(SWEEP_SCALES, sampling=sampling, device="cpu"))
     out["sweep"] = {"rows": [(r.scale, r.step, r.mean, r.se) for r in sw.rows], "best": sw.best.scale}
